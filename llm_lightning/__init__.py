@@ -1,0 +1,12 @@
+"""LoRA fine-tuning and sampling of LLaMA-family models with PyTorch Lightning and Hydra."""
+
+from llm_lightning.config import LLaMAConfig, RopeScaling
+from llm_lightning.errors import CheckpointError, TokenizerError, UserFacingError
+from llm_lightning.model import LLaMA
+from llm_lightning.pretrained import load_pretrained
+from llm_lightning.tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling", "Tokenizer", "TokenizerError",
+    "UserFacingError", "load_pretrained", "load_tokenizer",
+]

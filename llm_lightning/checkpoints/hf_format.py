@@ -1,0 +1,161 @@
+"""Hugging Face format: ``config.json`` plus ``model*.safetensors`` or ``pytorch_model*.bin``.
+
+Hugging Face's conversion script permutes the rows of q/k so that rotary embeddings can rotate
+the two halves of each head; we use Meta's adjacent-pair layout, so loading undoes that
+permutation (and exporting re-applies it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llm_lightning.checkpoints.assemble import assemble_model
+from llm_lightning.checkpoints.torch_files import iter_safetensors, load_torch_state_dict
+from llm_lightning.config import LLaMAConfig, RopeScaling
+from llm_lightning.errors import CheckpointError
+from llm_lightning.model import LLaMA
+
+_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# Buffers that old transformers versions saved next to the weights.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    match = _LAYER_PATTERN.match(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
+    stem, _, leaf = name.rpartition(".")
+    return f"{_TOP_NAMES[stem]}.{leaf}" if stem in _TOP_NAMES else None
+
+
+def meta_to_hf_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "layers":
+        inverse = {v: k for k, v in _LAYER_NAMES.items()}
+        return f"model.layers.{parts[1]}.{inverse['.'.join(parts[2:-1])]}.{parts[-1]}"
+    inverse_top = {v: k for k, v in _TOP_NAMES.items()}
+    return f"{inverse_top[parts[0]]}.{parts[-1]}"
+
+
+def permute_to_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta adjacent-pair rows -> HF half-split rows (what HF's conversion script does)."""
+    out_dim, in_dim = weight.shape
+    return weight.view(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_to_hf`."""
+    out_dim, in_dim = weight.shape
+    return weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def is_hf_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def config_from_hf(hf: dict, *, name: str, source: Path) -> LLaMAConfig:
+    if hf.get("model_type", "llama") not in ("llama", "mistral"):
+        raise CheckpointError(f"{source}: model_type {hf.get('model_type')!r} is not a LLaMA-family model")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{source}: {flag}=true is not supported (LLaMA has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported, expected 'silu'")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise CheckpointError(f"{source}: head_dim={hf['head_dim']} differs from hidden_size/heads")
+    # transformers 5 writes rope settings under rope_parameters; older versions at top level.
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScaling(rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+                              rope["original_max_position_embeddings"])
+    elif rope_type not in ("default", None):
+        raise CheckpointError(f"{source}: rope type {rope_type!r} unsupported, expected default or llama3")
+    return LLaMAConfig(
+        name=name,
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads", heads),
+        hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object") from None
+            return [directory / f for f in dict.fromkeys(weight_map.values())]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / single).is_file():
+            return [directory / single]
+    raise CheckpointError(
+        f"{directory}: no model.safetensors, pytorch_model.bin or an index of their shards"
+    )
+
+
+def _iter_hf_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    for path in files:
+        if path.suffix == ".safetensors":
+            for name, tensor in iter_safetensors(path):
+                yield path, name, tensor
+        else:
+            for name, tensor in load_torch_state_dict(path).items():
+                yield path, name, tensor
+
+
+def load_hf_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.device | str) -> LLaMA:
+    config_path = directory / "config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+        config = config_from_hf(hf, name=directory.name, source=config_path)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON at line {exc.lineno} column {exc.colno}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"{config_path}: missing required field {exc.args[0]!r}") from None
+
+    def converted() -> Iterator[tuple[str, torch.Tensor]]:
+        for path, name, tensor in _iter_hf_tensors(_weight_files(directory)):
+            if _IGNORED.match(name):
+                continue
+            meta_name = hf_to_meta_name(name)
+            if meta_name is None:
+                raise CheckpointError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
+            if meta_name == "output.weight" and config.tie_embeddings:
+                continue
+            heads = {"wq": config.n_heads, "wk": config.kv_heads}.get(meta_name.split(".")[-2])
+            if heads and tensor.ndim == 2 and tensor.shape[0] == heads * config.head_dim:
+                tensor = permute_from_hf(tensor, heads)
+            yield meta_name, tensor  # a wrong shape is reported by assemble_model
+
+    return assemble_model(config, converted(), source=str(directory), dtype=dtype, device=device)

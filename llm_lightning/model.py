@@ -1,0 +1,227 @@
+"""The LLaMA decoder: one implementation for every checkpoint format and for training and sampling.
+
+Parameter names and the q/k row layout follow Meta's reference code, so a ``consolidated.*.pth``
+or a GGUF file loads without renaming rows; Hugging Face checkpoints are converted on load.
+Rotary embeddings therefore rotate adjacent pairs ``(x[2i], x[2i+1])`` as Meta does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llm_lightning.config import LLaMAConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as Meta does, then scale in the input dtype.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_inverse_frequencies(config: LLaMAConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Per-pair rotation speeds, with LLaMA-3.1 scaling of the low frequencies when configured."""
+    half = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (config.rope_theta ** (half / config.head_dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, inv_freq, scaled)
+
+
+def rope_cos_sin(config: LLaMAConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [B, T, 1, head_dim/2] (fp32) for integer positions of shape [B, T]."""
+    angles = positions.float()[..., None] * rope_inverse_frequencies(config, positions.device)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x [B, T, H, D] by the given angles, computing in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for incremental decoding, written in place at ``start_pos``."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, end = k.shape[0], start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
+        self.k[:batch, :, start_pos:end] = k
+        self.v[:batch, :, start_pos:end] = v
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = apply_rope(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(y.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        hidden = config.ffn_hidden_dim
+        self.w1 = nn.Linear(config.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = config.activation_checkpointing
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied models have no separate output matrix, exactly as their checkpoints store them.
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None,
+                       dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        """Preallocate a KV cache in every layer; forward then takes ``start_pos``."""
+        weight = self.tok_embeddings.weight
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(
+                batch_size, self.config.kv_heads, max_seq_len, self.config.head_dim,
+                dtype or weight.dtype, device or weight.device,
+            )
+
+    def clear_kv_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.layers[0].attention.kv_cache is not None if len(self.layers) else False
+
+    def attention_mask(self, seq_len: int, start_pos: int, key_padding_mask: torch.Tensor | None,
+                       device: torch.device) -> torch.Tensor | None:
+        """Boolean mask [B|1, 1, T, S] (True = attend), or None when plain causal attention suffices.
+
+        Padding keys are hidden, but every query may always see itself, so that a padding row
+        never attends to nothing (which would make SDPA produce NaN and poison later layers).
+        """
+        key_len = start_pos + seq_len
+        if key_padding_mask is None and (start_pos == 0 or seq_len == 1):
+            return None
+        query_pos = torch.arange(start_pos, key_len, device=device)[:, None]
+        key_pos = torch.arange(key_len, device=device)[None, :]
+        mask = (key_pos <= query_pos)[None, None]
+        if key_padding_mask is not None:
+            valid = key_padding_mask[:, None, None, :key_len].bool()
+            mask = mask & (valid | (key_pos == query_pos)[None, None])
+        return mask
+
+    def hidden_states(self, input_ids: torch.Tensor, *, start_pos: int = 0,
+                      positions: torch.Tensor | None = None,
+                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalised hidden states [B, T, dim], before the output projection."""
+        batch, seq_len = input_ids.shape
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seq_len, device=input_ids.device).expand(batch, -1)
+        cos, sin = rope_cos_sin(self.config, positions)
+        mask = self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device)
+        x = self.tok_embeddings(input_ids)
+        use_checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpointing:
+                x = checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, start_pos)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, *, start_pos: int = 0,
+                positions: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T].
+
+        ``start_pos`` is where these tokens sit in the KV cache (0 without a cache);
+        ``positions`` overrides rotary positions per row (for left-padded batches);
+        ``key_padding_mask`` [B, S] marks real tokens (True) among all keys seen so far.
+        """
+        x = self.hidden_states(input_ids, start_pos=start_pos, positions=positions,
+                               key_padding_mask=key_padding_mask)
+        if self.output is None:
+            return F.linear(x, self.tok_embeddings.weight)
+        return self.output(x)

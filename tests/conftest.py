@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random models saved by transformers, a tokenizer trained here, real data paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_VOCAB = 384
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "The quick brown fox jumps over the lazy dog. 0123456789 !?",
+    "Give three tips for staying healthy: eat well, sleep enough, and move every day.",
+    "Héllo wörld, naïve café — emoji 🚀 and tabs\tand newlines\n",
+]
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not available")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained here on a few sentences (fits TINY_VOCAB)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB - 8, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    directory = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}
+    ))
+    return directory
+
+
+def make_hf_llama(*, n_kv_heads: int = 4, tied: bool = False, seed: int = 0, rope_scaling: dict | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rope = {"rope_theta": 10000.0, "rope_type": "default"}
+    if rope_scaling:
+        rope = {"rope_theta": 500000.0, **rope_scaling}
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=n_kv_heads, tie_word_embeddings=tied,
+        rms_norm_eps=1e-5, max_position_embeddings=256, rope_parameters=rope,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Random norms too, so a wrong norm mapping cannot hide behind all-ones weights.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def save_hf_dir(model, directory: Path, tokenizer_dir: Path, *, bin_format: bool = False) -> Path:
+    import shutil
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if bin_format:
+        model.config.save_pretrained(directory)
+        torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    else:
+        model.save_pretrained(directory)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, directory / name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct, loaded once for the whole session."""
+    from llm_lightning import load_pretrained
+
+    return load_pretrained()
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path():
+    from llm_lightning.default_model import default_model_path
+
+    return default_model_path()
