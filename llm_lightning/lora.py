@@ -1,0 +1,191 @@
+"""Low-rank adapters (LoRA) for the LLaMA's linear layers.
+
+``LoRALinear`` *is* an ``nn.Linear`` (same ``weight``/``bias`` names), so a base checkpoint loads
+into an adapted model unchanged and the adapter adds only ``lora_a``/``lora_b``. ``apply_lora``
+swaps the targeted layers in place, sharing the base weight tensors (no copy). B starts at zero,
+so an adapted model's output at step 0 is exactly the base model's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
+FFN_TARGETS = ("w1", "w2", "w3")
+ALL_TARGETS = (*ATTENTION_TARGETS, *FFN_TARGETS, "output")
+# "all" means every linear layer inside the blocks, as PEFT's "all-linear": not the output head.
+SHORTHANDS = {"all": ATTENTION_TARGETS + FFN_TARGETS, "attention": ATTENTION_TARGETS, "ffn": FFN_TARGETS}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = field(default=("wq", "wv"))
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        expanded: list[str] = []
+        for target in ([self.targets] if isinstance(self.targets, str) else self.targets):
+            if target in SHORTHANDS:
+                expanded.extend(SHORTHANDS[target])
+            elif target in ALL_TARGETS:
+                expanded.append(target)
+            else:
+                choices = ", ".join([*ALL_TARGETS, *SHORTHANDS])
+                raise ValueError(f"unknown LoRA target {target!r}; expected any of {choices}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(expanded)))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Linear):
+    """y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T, with A [r, in] and B [out, r]."""
+
+    def __init__(self, in_features: int, out_features: int, *, r: int, alpha: float, dropout: float,
+                 bias: bool = False, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.r, self.scaling = r, alpha / r
+        self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Kaiming-uniform A as nn.Linear initialises its weight, zero B: the update starts at 0.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: LoRAConfig, lora_dtype: torch.dtype | None = None) -> LoRALinear:
+        """Wrap an existing layer, sharing (not copying) its weight and bias."""
+        weight = linear.weight
+        adapted = cls(linear.in_features, linear.out_features, r=config.r, alpha=config.alpha,
+                      dropout=config.dropout, bias=False, device="meta", dtype=weight.dtype)
+        adapted.weight = weight
+        adapted.bias = linear.bias
+        adapted.lora_a = nn.Parameter(torch.empty_like(adapted.lora_a, device=weight.device, dtype=lora_dtype or weight.dtype))
+        adapted.lora_b = nn.Parameter(torch.empty_like(adapted.lora_b, device=weight.device, dtype=lora_dtype or weight.dtype))
+        if weight.device.type != "meta":
+            adapted.reset_lora_parameters()
+        return adapted.train(linear.training)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_b @ self.lora_a) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b)
+        return out + (update * self.scaling).to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+
+
+def _target_modules(model: nn.Module, targets: Iterable[str]) -> Iterable[tuple[nn.Module, str]]:
+    targets = set(targets)
+    for module in model.modules():
+        for child_name, child in module.named_children():
+            if child_name in targets and isinstance(child, nn.Linear):
+                yield module, child_name
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, *, lora_dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every targeted linear layer by a LoRALinear, freeze all non-LoRA parameters, return the model."""
+    if "output" in config.targets and getattr(model, "output", True) is None:
+        raise ValueError("LoRA target 'output' is impossible for a model with tied input/output embeddings")
+    found = list(_target_modules(model, config.targets))
+    if not found:
+        raise ValueError(f"no linear layers named {', '.join(config.targets)} in the model")
+    for parent, name in found:
+        setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), config, lora_dtype))
+    mark_only_lora_trainable(model)
+    return model
+
+
+def is_lora_parameter(name: str) -> bool:
+    return ".lora_a" in name or ".lora_b" in name or name.startswith(("lora_a", "lora_b"))
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(is_lora_parameter(name))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter alone: megabytes for a 7B model."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_parameter(k)}
+
+
+def load_lora_state_dict(model: nn.Module, adapter: Mapping[str, torch.Tensor]) -> None:
+    """Load an adapter into an adapted model; it must hold every LoRA tensor and nothing else."""
+    expected = {k for k, _ in model.named_parameters() if is_lora_parameter(k)}
+    missing, unexpected = expected - adapter.keys(), adapter.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter does not fit the model: {len(missing)} LoRA tensors missing "
+            f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})"
+        )
+    result = model.load_state_dict(dict(adapter), strict=False)
+    assert_only_base_keys_missing(result.missing_keys, result.unexpected_keys)
+
+
+def assert_only_lora_keys_missing(missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """After loading base weights into an adapted model, only adapter tensors may be absent."""
+    missing, unexpected = list(missing), list(unexpected)
+    not_lora = [k for k in missing if not is_lora_parameter(k)]
+    if not_lora or unexpected:
+        raise ValueError(f"base weights do not fit: missing non-LoRA {not_lora[:3]}, unexpected {unexpected[:3]}")
+
+
+def assert_only_base_keys_missing(missing: Iterable[str], unexpected: Iterable[str]) -> None:
+    """After loading an adapter, only base tensors may be absent."""
+    missing, unexpected = list(missing), list(unexpected)
+    lora_missing = [k for k in missing if is_lora_parameter(k)]
+    if lora_missing or unexpected:
+        raise ValueError(f"adapter does not fit: missing LoRA {lora_missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def merge_lora(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting shared tensors once."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
