@@ -1,0 +1,129 @@
+"""``AlpacaDataModule``: Alpaca records -> masked token examples -> exact-accumulation batches."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from llm_lightning.data.audit import DataAudit, audit
+from llm_lightning.data.batching import ExampleDataset, WindowBatchSampler, collate
+from llm_lightning.data.encoding import Example, encode_record
+from llm_lightning.data.records import BUNDLED_SAMPLE, DataError, Record, download, is_url, read_records
+from llm_lightning.prompts import get_template
+from llm_lightning.tokenizer import Tokenizer
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        template: str = "alpaca",
+        max_seq_length: int = 512,
+        train_on_inputs: bool = False,
+        val_size: float = 0.1,
+        limit: int | None = None,
+        skip_invalid: bool = False,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        cache_dir: str | None = None,
+        sha256: str | None = None,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        super().__init__()
+        self.source = str(path) if path else str(BUNDLED_SAMPLE)
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_seq_length, self.train_on_inputs = max_seq_length, train_on_inputs
+        self.val_size, self.limit, self.skip_invalid = val_size, limit, skip_invalid
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "llm_lightning"
+        self.sha256, self.pad_to_multiple_of = sha256, pad_to_multiple_of
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+        self.report: DataAudit | None = None
+
+    def prepare_data(self) -> None:
+        """Download a URL source once (rank 0 only, as Lightning calls this)."""
+        if is_url(self.source):
+            download(self.source, self.cache_dir, self.sha256)
+
+    def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+        count = len(records)
+        n_val = int(round(self.val_size * count)) if self.val_size < 1 else int(self.val_size)
+        if self.val_size > 0:
+            n_val = max(1, n_val)
+        if n_val >= count:
+            raise DataError(f"{self.source}: data.val_size={self.val_size} leaves no training records out of {count}")
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+
+    def _encode(self, records: list[Record]) -> tuple[list[Example], int]:
+        encoded = [encode_record(r, self.tokenizer, self.template, max_seq_length=self.max_seq_length,
+                                 train_on_inputs=self.train_on_inputs) for r in records]
+        kept = [e for e in encoded if e is not None]
+        return kept, len(encoded) - len(kept)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.report is not None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("AlpacaDataModule needs a tokenizer before setup()")
+        records, skipped = read_records(self.source, skip_invalid=self.skip_invalid, cache_dir=self.cache_dir,
+                                        sha256=self.sha256)
+        read = len(records) + skipped
+        if self.limit:
+            records = records[: self.limit]
+        if not records:
+            raise DataError(f"{self.source}: no valid records ({read} read, {skipped} skipped as invalid)")
+        train_records, val_records = self._split(records)
+        self.train_examples, train_dropped = self._encode(train_records)
+        self.val_examples, val_dropped = self._encode(val_records)
+        if not self.train_examples:
+            raise DataError(
+                f"{self.source}: every training example is longer than data.max_seq_length="
+                f"{self.max_seq_length} tokens; raise data.max_seq_length"
+            )
+        self.report = audit(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
+                            records_read=read, records_skipped=skipped, too_long=train_dropped + val_dropped,
+                            train=len(self.train_examples), val=len(self.val_examples))
+
+    def _collate(self):
+        return functools.partial(collate, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def train_sampler(self) -> WindowBatchSampler:
+        trainer = self.trainer
+        sampler = WindowBatchSampler(
+            [e.supervised_tokens for e in self.train_examples], batch_size=self.batch_size,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1, shuffle=True, seed=self.seed,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+        if trainer is not None:
+            # Lightning creates this iterator before it sets the epoch on the sampler, and when it
+            # resumes mid-epoch it does not skip what was consumed: do both here.
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+            consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            sampler.set_epoch(epoch)
+            if 0 < consumed < len(sampler):
+                sampler.skip_batches(consumed)
+        return sampler
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(ExampleDataset(self.train_examples), batch_sampler=self.train_sampler(),
+                          collate_fn=self._collate(), num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val_examples:
+            return DataLoader([])
+        sampler = WindowBatchSampler([e.supervised_tokens for e in self.val_examples],
+                                     batch_size=self.eval_batch_size, shuffle=False)
+        return DataLoader(ExampleDataset(self.val_examples), batch_sampler=sampler,
+                          collate_fn=self._collate(), num_workers=self.num_workers)

@@ -1,0 +1,125 @@
+"""Reading and validating Alpaca-format records: ``{"instruction", "input", "output"}`` strings.
+
+Sources are a JSON list or JSONL file on disk, or a URL downloaded once to a cache directory.
+Every problem names the file and the record (or line and column) so it can be fixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from llm_lightning.errors import UserFacingError
+
+FIELDS = ("instruction", "input", "output")
+BUNDLED_SAMPLE = Path(__file__).with_name("alpaca_sample.json")
+# The original 52K Stanford Alpaca data: the documented default for users who are online.
+STANFORD_ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+
+
+class DataError(UserFacingError):
+    """The dataset is missing, malformed, or empty."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://", "file://"))
+
+
+def cached_path(url: str, cache_dir: Path) -> Path:
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "data.json"
+    return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+
+
+def download(url: str, cache_dir: Path, sha256: str | None = None) -> Path:
+    """Fetch ``url`` into ``cache_dir`` once (atomically), checking its SHA-256 when one is given."""
+    target = cached_path(url, cache_dir)
+    if not target.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(target.suffix + ".part")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise DataError(f"{url}: download failed ({exc}); pass a local file with data.path=...") from None
+        partial.replace(target)
+    if sha256 is not None:
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        if digest != sha256:
+            target.unlink()
+            raise DataError(f"{url}: downloaded file has SHA-256 {digest}, expected {sha256}; removed it")
+    return target
+
+
+def _parse(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found; expected an Alpaca JSON list or JSONL file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; expected an Alpaca JSON list or JSONL file") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    stripped = text.lstrip()
+    if path.suffix == ".jsonl" or (stripped and not stripped.startswith("[")):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: invalid JSON on line {number}, column {exc.colno}: {exc.msg}") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got a {type(data).__name__}")
+    return data
+
+
+def validate(rows: list, source: str, *, skip_invalid: bool) -> tuple[list[Record], int]:
+    """Records with all three fields as strings; others are an error, or skipped and counted."""
+    records, skipped = [], 0
+    for index, row in enumerate(rows):
+        problem = None
+        if not isinstance(row, dict):
+            problem = f"is a {type(row).__name__}, expected an object"
+        else:
+            for name in FIELDS:
+                if name not in row:
+                    problem = f"lacks field {name!r}"
+                    break
+                if not isinstance(row[name], str):
+                    problem = f"field {name!r} is a {type(row[name]).__name__}, expected a string"
+                    break
+        if problem is None:
+            records.append(Record(row["instruction"], row["input"], row["output"]))
+        elif skip_invalid:
+            skipped += 1
+        else:
+            raise DataError(f"{source}: record {index} {problem} (set data.skip_invalid=true to skip such records)")
+    return records, skipped
+
+
+def read_records(source: str | Path, *, skip_invalid: bool = False, cache_dir: Path | None = None,
+                 sha256: str | None = None) -> tuple[list[Record], int]:
+    """(valid records, number skipped) from a path or URL."""
+    source = str(source)
+    if is_url(source):
+        path = download(source, cache_dir or Path.home() / ".cache" / "llm_lightning", sha256)
+    else:
+        path = Path(source).expanduser()
+    return validate(_parse(path), str(path), skip_invalid=skip_invalid)

@@ -1,0 +1,193 @@
+"""Alpaca data: exact templates, masking, EOS, validation errors, splits, batching, audit, downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_lightning.data import BUNDLED_SAMPLE, IGNORE_INDEX, AlpacaDataModule, DataError, Record, encode_record, read_records
+from llm_lightning.data.batching import ExampleDataset, WindowBatchSampler, collate
+from llm_lightning.prompts import get_template
+from tests.conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def test_alpaca_templates_word_for_word():
+    alpaca = get_template("alpaca")
+    assert alpaca.format("Name a color.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName a color.\n\n### Response:\n"
+    )
+    assert alpaca.format("Add the numbers.", "2 and 3") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers."
+        "\n\n### Input:\n2 and 3\n\n### Response:\n"
+    )
+
+
+def test_prompt_is_masked_and_response_plus_eos_supervised(tokenizer):
+    record = Record("What is 2 plus 3?", "", "2 plus 3 is 5.")
+    example = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=256)
+    prompt_ids = tokenizer.encode(get_template("alpaca").format(record.instruction), bos=True)
+    assert example.input_ids[: len(prompt_ids)] == prompt_ids
+    assert example.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    supervised = example.labels[len(prompt_ids):]
+    assert supervised == example.input_ids[len(prompt_ids):]
+    assert supervised[-1] == tokenizer.eos_id
+    assert tokenizer.decode(supervised) == "2 plus 3 is 5."
+    with_inputs = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=256, train_on_inputs=True)
+    assert with_inputs.labels == with_inputs.input_ids
+
+
+def test_truncation_keeps_eos_and_drops_prompts_that_do_not_fit(tokenizer):
+    record = Record("Write a long story.", "", "Once upon a time " * 50)
+    example = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=48)
+    assert len(example.input_ids) == 48 and example.truncated
+    assert example.input_ids[-1] == example.labels[-1] == tokenizer.eos_id
+    assert encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=10) is None
+
+
+def test_padding_never_masks_a_real_eos(tokenizer):
+    examples = [encode_record(Record("Say hi.", "", text), tokenizer, get_template("alpaca"), max_seq_length=64)
+                for text in ("Hi.", "Hello there, how are you today?")]
+    batch = collate([(e, -1) for e in examples], pad_id=tokenizer.eos_id)  # the worst case: pad == eos
+    short = examples[0]
+    assert batch["input_ids"].shape[1] == len(examples[1].input_ids)
+    assert batch["labels"][0, len(short.input_ids) - 1] == tokenizer.eos_id
+    assert (batch["labels"][0, len(short.input_ids):] == IGNORE_INDEX).all()
+    assert int(batch["window_tokens"]) == sum(e.supervised_tokens for e in examples)
+
+
+def write_json(path: Path, data) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": "a", "output": "b"}, "record 1 lacks field 'input'"),
+    ({"instruction": "a", "input": 3, "output": "b"}, "record 1 field 'input' is a int, expected a string"),
+    (["a", "b", "c"], "record 1 is a list, expected an object"),
+])
+def test_invalid_records_name_index_and_field(tmp_path, row, message):
+    path = write_json(tmp_path / "d.json", [{"instruction": "a", "input": "", "output": "b"}, row])
+    with pytest.raises(DataError, match=message):
+        read_records(path)
+    records, skipped = read_records(path, skip_invalid=True)
+    assert (len(records), skipped) == (1, 1)
+
+
+def test_invalid_json_reports_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"instruction": "a",\n   "input": "" "output": "b"}\n]')
+    with pytest.raises(DataError, match=r"bad.json: invalid JSON at line 3, column 16"):
+        read_records(path)
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl: invalid JSON on line 2"):
+        read_records(jsonl)
+
+
+def test_jsonl_and_missing_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"i{i}", "input": "", "output": "o"}) for i in range(3)))
+    assert [r.instruction for r in read_records(path)[0]] == ["i0", "i1", "i2"]
+    with pytest.raises(DataError, match="nope.json: data file not found"):
+        read_records(tmp_path / "nope.json")
+
+
+def test_empty_and_all_too_long_are_errors(tmp_path, tokenizer):
+    empty = AlpacaDataModule(str(write_json(tmp_path / "e.json", [])), tokenizer=tokenizer)
+    with pytest.raises(DataError, match="no valid records"):
+        empty.setup()
+    too_long = AlpacaDataModule(str(BUNDLED_SAMPLE), tokenizer=tokenizer, max_seq_length=16)
+    with pytest.raises(DataError, match="every training example is longer than data.max_seq_length=16"):
+        too_long.setup()
+
+
+def test_split_is_seeded_and_limit_takes_the_first_records(tokenizer):
+    def split(seed):
+        module = AlpacaDataModule(tokenizer=tokenizer, val_size=0.2, limit=50, seed=seed)
+        module.setup()
+        return module
+
+    a, b, c = split(1), split(1), split(2)
+    assert (len(a.train_examples), len(a.val_examples)) == (40, 10)
+    assert [e.input_ids for e in a.val_examples] == [e.input_ids for e in b.val_examples]
+    assert [e.input_ids for e in a.val_examples] != [e.input_ids for e in c.val_examples]
+    first_50 = {r.instruction for r in read_records(BUNDLED_SAMPLE)[0][:50]}
+    decoded = tokenizer.decode(a.train_examples[0].input_ids)
+    assert any(instruction in decoded for instruction in first_50)
+
+
+def test_window_sampler_counts_tokens_per_accumulation_window():
+    tokens = [5, 1, 7, 3, 2, 9, 4]
+    sampler = WindowBatchSampler(tokens, batch_size=2, accumulate=2, shuffle=False)
+    batches = list(sampler)
+    assert [[i for i, _ in b] for b in batches] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [b[0][1] for b in batches] == [16, 16, 15, 15]
+    assert len(sampler) == 4
+    sampler.skip_batches(3)
+    assert [[i for i, _ in b] for b in sampler] == [[6]]
+    shuffled = WindowBatchSampler(tokens, batch_size=2, seed=3)
+    first = list(shuffled)
+    shuffled.set_epoch(1)
+    assert first != list(shuffled)
+    shuffled.set_epoch(0)
+    assert first == list(shuffled)
+
+
+def test_audit_reports_counts_and_the_supervision_boundary(tokenizer):
+    module = AlpacaDataModule(tokenizer=tokenizer, max_seq_length=64, val_size=10)
+    module.setup()
+    report = module.report
+    assert (report.train, report.val, report.records_read) == (len(module.train_examples), len(module.val_examples), 152)
+    assert report.train + report.val + report.too_long == 152 and report.too_long > 0
+    assert report.truncated == sum(e.truncated for e in module.train_examples + module.val_examples)
+    assert 0 < report.masked_ratio < 1
+    text = report.format()
+    assert "### Response:\n    ▶" in text and text.rstrip().endswith("<EOS>")
+    assert "p50" in text and "152 read" in text
+
+
+def test_bundled_sample_is_varied_and_reproducible(tmp_path):
+    records, skipped = read_records(BUNDLED_SAMPLE)
+    assert len(records) >= 100 and skipped == 0
+    assert 0.35 <= sum(1 for r in records if r.input) / len(records) <= 0.45
+    assert len({r.instruction for r in records}) > 90
+    before = BUNDLED_SAMPLE.read_bytes()
+    subprocess.run([sys.executable, "scripts/write_alpaca_sample.py"], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parents[1])
+    assert BUNDLED_SAMPLE.read_bytes() == before
+
+
+def test_url_source_is_downloaded_once_and_verified(tmp_path, tokenizer):
+    source = shared_file("alpaca_en_demo.json")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    module = AlpacaDataModule(source.as_uri(), tokenizer=tokenizer, cache_dir=str(tmp_path), sha256=digest, limit=20)
+    module.prepare_data()
+    cached = list(tmp_path.iterdir())
+    assert len(cached) == 1 and cached[0].read_bytes() == source.read_bytes()
+    module.setup()
+    assert module.report.records_read == 999 and len(module.train_examples) == 18
+    bad = AlpacaDataModule(source.as_uri(), tokenizer=tokenizer, cache_dir=str(tmp_path / "other"), sha256="0" * 64)
+    with pytest.raises(DataError, match="expected 0000"):
+        bad.prepare_data()
+    assert not any((tmp_path / "other").iterdir())
+
+
+def test_real_alpaca_demo_file(tokenizer):
+    module = AlpacaDataModule(str(shared_file("alpaca_en_demo.json")), tokenizer=tokenizer, max_seq_length=256)
+    module.setup()
+    assert module.report.records_read == 999 and module.report.kept == 999 - module.report.too_long
+    assert module.report.truncated > 0
+    assert all(e.input_ids[-1] == tokenizer.eos_id for e in module.train_examples)
