@@ -1,15 +1,17 @@
-"""Sample from a LLaMA: ``python generate.py prompt="..." [model=...] [temperature=0.7]``."""
+"""Sample from a LLaMA: ``python generate.py prompt="..." [model=...] [ckpt_path=last] [temperature=0.7]``."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig
 
 from llm_lightning import load_pretrained
+from llm_lightning.adapter import find_last_checkpoint, load_adapter
 from llm_lightning.cli import exit_on_user_error
 from llm_lightning.generation import generate_text
 from llm_lightning.prompts import get_template
@@ -19,7 +21,13 @@ from llm_lightning.prompts import get_template
 def generate(cfg: DictConfig) -> str:
     model, tokenizer = load_pretrained(cfg.model, tokenizer=cfg.tokenizer,
                                        dtype=getattr(torch, cfg.dtype), device=cfg.device)
-    prompt = get_template(cfg.template).format(cfg.prompt)
+    template_name = cfg.template or "chat"
+    if cfg.ckpt_path:
+        path = find_last_checkpoint() if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+        checkpoint = load_adapter(model, tokenizer, path, force=cfg.force_adapter_load)
+        template_name = cfg.template or checkpoint.get("provenance", {}).get("template_name", "alpaca")
+        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template_name}]", file=sys.stderr)
+    prompt = get_template(template_name).format(cfg.prompt)
     start = time.perf_counter()
     text = generate_text(
         model, tokenizer, prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,

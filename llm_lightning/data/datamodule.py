@@ -50,6 +50,17 @@ class AlpacaDataModule(L.LightningDataModule):
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.report: DataAudit | None = None
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data: saved in every checkpoint, read back on resume."""
+        if self.trainer is None:
+            return {}
+        return {"epoch": self.trainer.current_epoch,
+                "consumed_batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
 
     def prepare_data(self) -> None:
         """Download a URL source once (rank 0 only, as Lightning calls this)."""
@@ -106,19 +117,20 @@ class AlpacaDataModule(L.LightningDataModule):
             accumulate=trainer.accumulate_grad_batches if trainer else 1, shuffle=True, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )
-        if trainer is not None:
-            # Lightning creates this iterator before it sets the epoch on the sampler, and when it
-            # resumes mid-epoch it does not skip what was consumed: do both here.
-            epoch = trainer.fit_loop.epoch_progress.current.processed
-            consumed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self._resume:
+            # Lightning builds (and starts iterating) this loader before it restores the loops of a
+            # resumed run, and never skips what was consumed: position the sampler here instead.
+            epoch, consumed = self._resume["epoch"], self._resume["consumed_batches"]
+            if consumed >= len(sampler):
+                epoch, consumed = epoch + 1, 0
             sampler.set_epoch(epoch)
-            if 0 < consumed < len(sampler):
-                sampler.skip_batches(consumed)
+            sampler.skip_batches(consumed)
+            self._resume = None
         return sampler
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(ExampleDataset(self.train_examples), batch_sampler=self.train_sampler(),
-                          collate_fn=self._collate(), num_workers=self.num_workers)
+                          collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_examples:
@@ -126,4 +138,9 @@ class AlpacaDataModule(L.LightningDataModule):
         sampler = WindowBatchSampler([e.supervised_tokens for e in self.val_examples],
                                      batch_size=self.eval_batch_size, shuffle=False)
         return DataLoader(ExampleDataset(self.val_examples), batch_sampler=sampler,
-                          collate_fn=self._collate(), num_workers=self.num_workers)
+                          collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        """A private generator: without one, every new DataLoader iterator draws from the global RNG,
+        so a resumed run's dropout masks would drift from an uninterrupted run's."""
+        return torch.Generator().manual_seed(self.seed)

@@ -1,0 +1,61 @@
+"""Putting a trained adapter back on its base model, from a training checkpoint (``.ckpt``).
+
+The checkpoint says which LoRA layout it needs (``lora_config``) and which base and tokenizer it
+was trained with (``provenance``); a mismatch is refused unless forced.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_lightning.errors import CheckpointError
+from llm_lightning.lora import LoRAConfig, apply_lora, load_lora_state_dict
+from llm_lightning.model import LLaMA
+from llm_lightning.prompts import get_template
+from llm_lightning.provenance import build_provenance, check_provenance
+from llm_lightning.tokenizer import Tokenizer
+
+MODULE_PREFIX = "model."  # the LightningModule holds the LLaMA as ``self.model``
+
+
+def find_last_checkpoint(root: Path = Path("outputs")) -> Path:
+    """The newest ``last.ckpt`` of any run under ``root`` (``outputs/<name>/<time>/checkpoints``)."""
+    candidates = sorted(root.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise CheckpointError(f"ckpt_path=last: no {root}/*/*/checkpoints/last.ckpt; train first (python train.py)")
+    return candidates[-1]
+
+
+def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({first_line[:200]})") from None
+    if "lora_config" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not an llm_lightning training checkpoint (no lora_config/state_dict)")
+    return checkpoint
+
+
+def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Apply the checkpoint's LoRA layout to ``model`` and load its weights; returns the checkpoint."""
+    checkpoint = read_training_checkpoint(path)
+    provenance = checkpoint.get("provenance") or {}
+    template = get_template(provenance.get("template_name", "alpaca"))
+    check_provenance(provenance, build_provenance(model, tokenizer, template), source=str(path), force=force,
+                     keys=("base_weights", "tokenizer"))
+    settings = dict(checkpoint["lora_config"])
+    apply_lora(model, LoRAConfig(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                                 targets=tuple(settings["targets"])))
+    adapter = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
+    try:
+        load_lora_state_dict(model, adapter)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return checkpoint

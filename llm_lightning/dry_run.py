@@ -1,0 +1,70 @@
+"""``dry_run=true``: size a run without reading weights.
+
+The model is built on the meta device (no memory), LoRA is applied, and the table shows exact
+parameter counts and an estimate of training memory for the chosen precision, batch and
+sequence length. The activation estimate counts the tensors autograd keeps per token and layer
+for a LoRA run with a frozen base (block input, two norm outputs, q/k/v, attention output,
+residual, four FFN intermediates, dropout masks), plus the fp32 logits and their gradient;
+with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from llm_lightning.config import LLaMAConfig
+from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
+from llm_lightning.model import LLaMA
+
+GIB = 2**30
+
+
+def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act_bytes: int,
+                      checkpointing: bool) -> float:
+    d, kv = config.dim, config.kv_heads * config.head_dim
+    dropout_masks = len(lora.targets) * d if lora.dropout > 0 else 0
+    per_layer = 6 * d + 2 * kv + 4 * config.ffn_hidden_dim + dropout_masks
+    if checkpointing:
+        blocks = config.n_layers * d + per_layer
+    else:
+        blocks = config.n_layers * per_layer
+    logits = config.vocab_size * (act_bytes + 4 + 4)  # logits, fp32 upcast for the loss, gradient
+    return tokens * (blocks * act_bytes + logits)
+
+
+def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: str, batch_size: int, seq_len: int,
+             checkpointing: bool) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = LLaMA(config)
+    apply_lora(model, lora)
+    trainable, total = count_parameters(model)
+    base = total - trainable
+    half = precision in ("bf16-true", "16-true")
+    weight_bytes = 2 if half else 4
+    act_bytes = 4 if precision == "32-true" else 2
+    memory = {
+        "weights": base * weight_bytes + trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer (AdamW)": trainable * 8,
+        "activations": _activation_bytes(config, lora, tokens=batch_size * seq_len, act_bytes=act_bytes,
+                                         checkpointing=checkpointing),
+    }
+    return {"base": base, "trainable": trainable, "total": total, "memory": memory}
+
+
+def format_report(name: str, lora: LoRAConfig, result: dict[str, Any], *, precision: str, batch_size: int,
+                  seq_len: int, checkpointing: bool) -> str:
+    rows = [
+        f"dry run: {name}, LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.targets)}",
+        f"  base parameters       {result['base']:>18,}",
+        f"  trainable parameters  {result['trainable']:>18,}  ({result['trainable'] / result['base']:.2%} of base)",
+        f"  total parameters      {result['total']:>18,}",
+        f"  estimated memory at precision {precision}, batch {batch_size} x {seq_len} tokens, "
+        f"activation checkpointing {'on' if checkpointing else 'off'}:",
+    ]
+    for what, size in result["memory"].items():
+        rows.append(f"    {what:<20} {size / GIB:>10.2f} GiB")
+    rows.append(f"    {'total':<20} {sum(result['memory'].values()) / GIB:>10.2f} GiB")
+    return "\n".join(rows)

@@ -1,0 +1,148 @@
+"""The LightningModule: LoRA fine-tuning with a token-exact loss across gradient accumulation.
+
+Lightning divides every micro-batch loss by ``accumulate_grad_batches`` (and DDP averages over
+ranks), which is a mean of per-batch means: wrong for masked, variable-length sequences. Here each
+micro-batch contributes ``sum(token NLL) / tokens_in_window``, pre-multiplied by the factors
+Lightning and DDP divide by, so an optimizer step sees the mean over every supervised token of
+the whole accumulated (and distributed) batch: ``batch 1 x accumulate 4 == batch 4 x accumulate 1``.
+
+Checkpoints hold only the LoRA tensors plus optimizer, scheduler, RNG and a provenance record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from llm_lightning.data.encoding import IGNORE_INDEX
+from llm_lightning.errors import CheckpointError, UserFacingError
+from llm_lightning.lora import LoRAConfig, is_lora_parameter
+from llm_lightning.model import LLaMA
+from llm_lightning.provenance import check_provenance
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+class NonFiniteLossError(UserFacingError):
+    """Training diverged; the last checkpoint written before this step is intact."""
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL over supervised positions, number of supervised positions)."""
+    targets = labels[:, 1:]
+    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+class LoRAFineTuner(L.LightningModule):
+    def __init__(self, model: LLaMA, *, lora: LoRAConfig, optimizer: OptimizerFactory,
+                 warmup_steps: int = 0, min_lr: float = 0.0, provenance: dict[str, str] | None = None,
+                 force_adapter_load: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.lora_config = lora
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.min_lr = warmup_steps, min_lr
+        self.provenance = provenance or {}
+        self.force_adapter_load = force_adapter_load
+        # Checkpoints carry only LoRA tensors; on_load_checkpoint verifies that exactly those are present.
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def training_flops(self, batch_size: int, seq_len: int) -> int:
+        """(4N + 12·L·d·T) FLOPs per token for LoRA on a frozen base (N = matmul parameters):
+        forward 2N, backward through activations 2N (no weight gradients for the frozen base),
+        attention scores and values 12·L·d·T. Read by Lightning's ThroughputMonitor for MFU."""
+        config = self.model.config
+        matmul = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+        if self.model.output is None:
+            matmul += self.model.tok_embeddings.weight.numel()
+        return batch_size * seq_len * (4 * matmul + 12 * config.n_layers * config.dim * seq_len)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.flops_per_batch = self.training_flops(*batch["input_ids"].shape)
+        logits = self.model(batch["input_ids"])
+        loss_sum, n_tokens = token_nll(logits, batch["labels"])
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteLossError(
+                f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
+                "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
+            )
+        window_tokens = batch["window_tokens"].to(loss_sum.device, torch.float32)
+        if self.trainer.world_size > 1:
+            window_tokens = self.trainer.strategy.reduce(window_tokens, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        mean_loss = loss_sum.detach() / n_tokens.clamp(min=1)
+        self.log("train/loss", mean_loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/ppl", mean_loss.exp(), on_step=True, batch_size=batch["input_ids"].shape[0])
+        return loss_sum * scale / window_tokens.clamp(min=1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"])
+        loss_sum, n_tokens = token_nll(logits, batch["labels"])
+        self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/ppl", self.val_ppl, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(trainable)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.warmup_steps, total_steps - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup),
+                                                            eta_min=self.min_lr)
+        if warmup > 0:
+            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+        else:
+            scheduler = cosine
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints: adapter only, with provenance and RNG state -------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_parameter(k)}
+        broken = [k for k, v in checkpoint["state_dict"].items() if not torch.isfinite(v).all()]
+        if broken:  # raising here keeps the previous (good) checkpoint file in place
+            raise NonFiniteLossError(
+                f"LoRA weights became non-finite at step {self.global_step} ({broken[0]}); "
+                "not saving them, the last checkpoint is intact; try a lower optimizer.lr"
+            )
+        checkpoint["provenance"] = dict(self.provenance)
+        checkpoint["lora_config"] = {**asdict(self.lora_config), "targets": list(self.lora_config.targets)}
+        checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint["rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        source = "checkpoint"
+        check_provenance(checkpoint.get("provenance"), self.provenance, source=source, force=self.force_adapter_load)
+        expected = {k for k in self.state_dict() if is_lora_parameter(k)}
+        present = set(checkpoint["state_dict"])
+        if present != expected:
+            raise CheckpointError(
+                f"{source}: holds {len(present & expected)} of {len(expected)} LoRA tensors of this model "
+                f"and {len(present - expected)} others; was it trained with a different lora.r/targets?"
+            )
+        if "rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_state"])
+        if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")

@@ -1,0 +1,186 @@
+"""``train(cfg)``: everything ``python train.py`` does, from the composed Hydra config.
+
+Load the base, add LoRA, audit the data, measure validation loss before training, fit (or
+resume with ``ckpt_path=last``), measure it again, and write ``summary.json`` to the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import netrc
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from llm_lightning.base_model import load_base_model
+from llm_lightning.callbacks import ResourceMonitor
+from llm_lightning.config import LLaMAConfig
+from llm_lightning.dry_run import estimate, format_report
+from llm_lightning.errors import UserFacingError
+from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
+from llm_lightning.module import LoRAFineTuner
+from llm_lightning.prompts import get_template
+from llm_lightning.provenance import build_provenance
+
+
+def lora_config(cfg: DictConfig) -> LoRAConfig:
+    try:
+        return LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                          targets=tuple(cfg.lora.targets))
+    except ValueError as exc:
+        raise UserFacingError(f"lora: {exc}") from None
+
+
+def check_precision(trainer_cfg: DictConfig) -> None:
+    """Refuse precisions the accelerator cannot run, before any weights are loaded."""
+    precision, accelerator = str(trainer_cfg.get("precision", "32-true")), str(trainer_cfg.get("accelerator", "auto"))
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserFacingError(f"trainer.accelerator={accelerator} but no CUDA GPU is available; use trainer=cpu")
+    if not uses_gpu and precision in ("16-mixed", "16-true", "16"):
+        raise UserFacingError(
+            f"trainer.precision={precision} needs a GPU; on CPU use 32-true, bf16-mixed or bf16-true"
+        )
+    if uses_gpu and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+        raise UserFacingError(f"trainer.precision={precision}: this GPU has no bfloat16 support; use 16-mixed")
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` means the newest ``last.ckpt`` of an earlier run with the same name (and sweep job)."""
+    if ckpt_path != "last":
+        if ckpt_path is not None and not Path(ckpt_path).is_file():
+            raise UserFacingError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return ckpt_path
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        pattern, root = f"*/{hydra_cfg.sweep.subdir}/checkpoints/last.ckpt", output_dir.parent.parent
+    else:
+        pattern, root = "*/checkpoints/last.ckpt", output_dir.parent
+    candidates = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserFacingError(f"ckpt_path=last: no {pattern} under {root}; nothing to resume")
+    return str(candidates[-1])
+
+
+def wandb_credentials_present() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def build_logger(logger_cfg: DictConfig | None):
+    if not logger_cfg:
+        return False
+    if "Wandb" in str(logger_cfg.get("_target_", "")) and "WANDB_MODE" not in os.environ:
+        # Offline unless the user is logged in or chose a mode: a run never blocks on a login prompt.
+        os.environ["WANDB_MODE"] = "online" if wandb_credentials_present() else "offline"
+    return instantiate(logger_cfg)
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    config = LLaMAConfig.from_name(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
+    lora = lora_config(cfg)
+    checkpointing = bool(cfg.model.get("activation_checkpointing", False))
+    result = estimate(config, lora, precision=str(cfg.trainer.precision), batch_size=cfg.data.batch_size,
+                      seq_len=cfg.data.max_seq_length, checkpointing=checkpointing)
+    print(format_report(config.name, lora, result, precision=str(cfg.trainer.precision),
+                        batch_size=cfg.data.batch_size, seq_len=cfg.data.max_seq_length,
+                        checkpointing=checkpointing))
+    return result
+
+
+def save_final_checkpoint(trainer: L.Trainer) -> None:
+    """Write the final state to ``last.ckpt``: ModelCheckpoint saves every N steps, and since
+    Lightning 2.6 it refreshes ``last.ckpt`` only when that step also saved a regular checkpoint."""
+    if trainer.fast_dev_run or trainer.interrupted:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if callback.save_last and callback.dirpath:
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)
+            callback.last_model_path = str(path)
+            return
+
+
+def _validation_loss(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> float | None:
+    if not datamodule.val_examples or trainer.limit_val_batches == 0:
+        return None
+    return float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("dry_run"):
+        return dry_run(cfg)
+    check_precision(cfg.trainer)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    model, tokenizer = load_base_model(cfg.model, precision=str(cfg.trainer.precision))
+    lora = lora_config(cfg)
+    template = get_template(cfg.data.template)
+    provenance = build_provenance(model, tokenizer, template)
+    apply_lora(model, lora)
+    model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
+    trainable, total = count_parameters(model)
+
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    print(datamodule.report.format())
+
+    module = LoRAFineTuner(model, lora=lora, optimizer=instantiate(cfg.optimizer),
+                           warmup_steps=cfg.scheduler.warmup_steps, min_lr=cfg.scheduler.min_lr,
+                           provenance=provenance, force_adapter_load=cfg.force_adapter_load)
+    logger = build_logger(cfg.get("logger"))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not logger:  # these only report to a logger, and Lightning refuses them without one
+        callbacks = [c for c in callbacks if not isinstance(c, (LearningRateMonitor, ThroughputMonitor))]
+    resources = next((c for c in callbacks if isinstance(c, ResourceMonitor)), None)
+    if resources is None:
+        resources = ResourceMonitor()
+        callbacks.append(resources)
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    except (MisconfigurationException, ValueError) as exc:
+        raise UserFacingError(f"trainer: {exc}") from None
+    if logger:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True),
+                                "data_audit": datamodule.report.to_dict(),
+                                "parameters": {"trainable": trainable, "total": total}})
+
+    val_loss_start = _validation_loss(trainer, module, datamodule) if ckpt_path is None else None
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    save_final_checkpoint(trainer)
+    val_loss_end = _validation_loss(trainer, module, datamodule)
+
+    checkpoints = [c for c in trainer.checkpoint_callbacks]
+    summary = {
+        "name": cfg.get("name"),
+        "output_dir": str(output_dir),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "val_loss_start": val_loss_start,
+        "val_loss_end": val_loss_end,
+        "global_step": trainer.global_step,
+        "resumed_from": ckpt_path,
+        **resources.summary(),
+        "last_checkpoint": next((c.last_model_path for c in checkpoints if Path(c.last_model_path or "").is_file()), None),
+        "best_checkpoint": next((c.best_model_path for c in checkpoints
+                                 if c.monitor and Path(c.best_model_path or "").is_file()), None),
+    }
+    if trainer.is_global_zero:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,39 @@
+"""``python generate.py``: the base model, and an adapter put back from a training checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from tests.train_runner import REPO, TINY, run_train
+
+
+def run_generate(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "generate.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_base_model_answers():
+    result = run_generate("prompt=What is the capital of France?", "max_new_tokens=16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout and "tokens/s" in result.stderr
+
+
+def test_adapter_from_training_checkpoint(tmp_path):
+    run_train("logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=0",
+              "data.max_seq_length=128", "optimizer.lr=1e-2", run_dir=tmp_path)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 2
+    result = run_generate(f"ckpt_path={checkpoint}", "prompt=Give the plural form of the noun: mouse",
+                          "max_new_tokens=8")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step 2, template alpaca" in result.stderr
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    run_train(*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", run_dir=tmp_path)
+    result = run_generate(f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "adapter was trained with different base model weights" in result.stderr

@@ -1,0 +1,148 @@
+"""``python train.py`` end to end on a tiny model: experiments, dry run, faults, resume, DDP, sweeps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.train_runner import REPO, TINY, run_train, summary
+
+EXPERIMENTS = ["quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_of_every_experiment(experiment, tmp_path):
+    overrides = [f"experiment={experiment}", *TINY, "debug=fast_dev_run"]
+    if experiment == "seed_llama2_7b":  # no GPU, no network here: the recipe on the tiny model
+        overrides += ["trainer=cpu", "trainer.precision=32-true", "data.path=null", "data.batch_size=2"]
+    run_train(*overrides, run_dir=tmp_path)
+    result = summary(tmp_path)
+    assert result["global_step"] == 1 and result["trainable_parameters"] > 0
+
+
+def test_dry_run_of_the_course_recipe(tmp_path):
+    result = run_train("experiment=seed_llama2_7b", "dry_run=true", run_dir=tmp_path)
+    assert re.search(r"base parameters\s+6,738,415,616\n", result.stdout)
+    assert re.search(r"trainable parameters\s+8,388,608  \(0.12% of base\)", result.stdout)
+    assert "activations" in result.stdout and "GiB" in result.stdout
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "invalid_json", "empty", "too_long", "precision", "target", "no_source"])
+def test_bad_input_gives_one_line(case, tmp_path):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": }]')
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    overrides, expected = {
+        "missing": (["data.path=/no/such/data.json"], "/no/such/data.json: data file not found"),
+        "invalid_json": ([f"data.path={bad_json}"], "invalid JSON at line 2, column 18"),
+        "empty": ([f"data.path={empty}"], "no valid records"),
+        "too_long": (["data.max_seq_length=16"], "every training example is longer than data.max_seq_length=16"),
+        "precision": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU"),
+        "target": (["lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
+        "no_source": (["model=llama2_7b"], "model.source is required for preset llama2-7b"),
+    }[case]
+    base = [o for o in TINY if not (case == "no_source" and o.startswith("model="))]
+    result = run_train(*base, *overrides, run_dir=tmp_path / "run", check=False)
+    assert expected in _error_line(result)
+
+
+def test_mistyped_override_is_refused_by_hydra(tmp_path):
+    result = run_train(*TINY, "data.batchsize=2", run_dir=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "Key 'batchsize' is not in struct" in result.stderr
+
+
+def test_summary_checkpoints_and_csv_metrics(tmp_path):
+    run_train(*[o for o in TINY if o != "logger=none"], "logger=csv", "trainer.limit_train_batches=6",
+              "callbacks.last_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1",
+              "callbacks.resources.log_every_n_steps=1", run_dir=tmp_path)
+    result = summary(tmp_path)
+    assert result["val_loss_end"] < result["val_loss_start"]
+    assert result["train_tokens_per_sec"] > 0 and result["peak_rss_gib"] > 0
+    assert result["trainable_parameters"] == 2 * 8 * ((64 + 64) + (64 + 32))  # r=8 on wq (64->64), wv (64->32), 2 layers
+    last = torch.load(result["last_checkpoint"], weights_only=True)
+    assert last["global_step"] == result["global_step"] == 6  # last.ckpt is the final state
+    assert set(last["state_dict"]) == {f"model.layers.{i}.attention.{w}.{ab}" for i in (0, 1)
+                                       for w in ("wq", "wv") for ab in ("lora_a", "lora_b")}
+    assert last["provenance"]["template_name"] == "alpaca" and len(last["provenance"]["base_weights"]) == 64
+    assert (tmp_path / "checkpoints" / "last.ckpt").stat().st_size < 2_000_000
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    columns = set(rows[0])
+    for key in ("train/loss", "train/ppl", "val/loss", "val/ppl", "lr-AdamW", "train/tokens_per_sec",
+                "memory/peak_rss_gib", "train/device/items_per_sec"):
+        assert key in columns, sorted(columns)
+    val = [r for r in rows if r["val/loss"]]
+    ppl, loss = float(val[-1]["val/ppl"]), float(val[-1]["val/loss"])
+    assert ppl == pytest.approx(torch.tensor(loss).exp().item(), rel=1e-4)
+
+
+def _final_adapter(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    overrides = [*TINY, "trainer.max_epochs=2", "lora.dropout=0.1", "name=resume",
+                 "callbacks.last_checkpoint.every_n_train_steps=3"]
+    run_train(*overrides, run_dir=tmp_path / "uninterrupted")
+
+    first = tmp_path / "outputs" / "resume" / "first"
+    process = subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={first}"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (first / "checkpoints" / "last.ckpt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < killed_at < 68  # really interrupted mid-run (2 epochs of 34 steps)
+
+    second = tmp_path / "outputs" / "resume" / "second"
+    run_train(*overrides, "ckpt_path=last", run_dir=second)
+    assert summary(second)["resumed_from"].endswith("first/checkpoints/last.ckpt")
+    expected, resumed = _final_adapter(tmp_path / "uninterrupted"), _final_adapter(second)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_adapter_onto_a_different_base_is_refused_unless_forced(tmp_path):
+    run_train(*TINY, "trainer.limit_train_batches=2", run_dir=tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    refused = run_train(*TINY, "seed=7", f"ckpt_path={checkpoint}", run_dir=tmp_path / "b", check=False)
+    assert "adapter was trained with different base model weights" in _error_line(refused)
+    run_train(*TINY, "seed=7", f"ckpt_path={checkpoint}", "force_adapter_load=true", "trainer.max_epochs=2",
+              "trainer.limit_train_batches=2", run_dir=tmp_path / "c")
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    run_train(*TINY, "trainer=ddp", "trainer.limit_train_batches=3", run_dir=tmp_path)
+    result = summary(tmp_path)
+    assert result["global_step"] == 3 and result["val_loss_end"] is not None
+
+
+def test_sweep_runs_each_job_in_its_own_dir(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "-m", "lora.r=4,8", *TINY, "debug=fast_dev_run",
+                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {r: [d for d in tmp_path.iterdir() if f"lora.r={r}" in d.name] for r in (4, 8)}
+    assert all(len(dirs) == 1 for dirs in jobs.values())
+    counts = {r: json.loads((dirs[0] / "summary.json").read_text())["trainable_parameters"] for r, dirs in jobs.items()}
+    assert counts[8] == 2 * counts[4]
