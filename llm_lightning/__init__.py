@@ -2,11 +2,13 @@
 
 from llm_lightning.config import LLaMAConfig, RopeScaling
 from llm_lightning.errors import CheckpointError, TokenizerError, UserFacingError
+from llm_lightning.generation import generate, stream
+from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.model import LLaMA
 from llm_lightning.pretrained import load_pretrained
 from llm_lightning.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "CheckpointError", "LLaMA", "LLaMAConfig", "RopeScaling", "Tokenizer", "TokenizerError",
-    "UserFacingError", "load_pretrained", "load_tokenizer",
+    "CheckpointError", "LLaMA", "LLaMAConfig", "LoRAConfig", "RopeScaling", "Tokenizer", "TokenizerError",
+    "UserFacingError", "apply_lora", "generate", "load_pretrained", "load_tokenizer", "stream",
 ]

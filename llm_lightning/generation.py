@@ -1,8 +1,15 @@
-"""Sampling from a LLaMA with a preallocated KV cache: greedy, temperature, top-k and top-p."""
+"""Sampling from a LLaMA with a preallocated KV cache.
+
+Batched prompts are left-padded: each row gets rotary positions counted from its first real
+token and a key mask that hides its padding, so a prompt's continuation does not depend on what
+it was batched with. Greedy (temperature 0), temperature, top-k, top-p and a repetition penalty
+apply per row; beam search runs one prompt at a time with the beams as the batch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -11,7 +18,7 @@ from llm_lightning.tokenizer import Tokenizer
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the smallest set whose mass reaches top_p."""
+    """-inf outside the top-k and outside the smallest set of tokens whose probability mass reaches top_p."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -19,64 +26,202 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p  # keep a token while the mass before it is still short of p
+        drop_sorted = mass_before >= top_p  # a token stays while the mass before it is short of p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float,
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty: logits of tokens already in a row's context are divided by it (multiplied if negative)."""
+    if penalty == 1.0:
+        return logits
+    gathered = logits.gather(-1, seen)
+    return logits.scatter(-1, seen, torch.where(gathered > 0, gathered / penalty, gathered * penalty))
+
+
+def choose_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from last-position logits [B, V]; temperature 0 means greedy."""
+    """Next ids [B] from logits [B, V]; temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class _Row:
+    """One prompt's generation: its tokens so far, its decoded text, and whether it is done."""
+
+    ids: list[int]
+    text: str = ""
+    done: bool = False
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
 @torch.no_grad()
-def stream_tokens(model: LLaMA, prompt_ids: list[int], *, max_new_tokens: int, eos_id: int | None,
-                  temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                  seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time for a single prompt, stopping at EOS (not yielded)."""
+def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
+            temperature: float, top_k: int | None, top_p: float, repetition_penalty: float,
+            stop: Sequence[str], seed: int | None) -> Iterator[list[str]]:
+    """Yield, after every step, the new text of each row (empty for rows that produced none)."""
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    total = len(prompt_ids) + max_new_tokens
+    batch, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
+    total = longest + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's context of {model.config.max_seq_len} tokens")
-    was_training = model.training
-    model.eval()
-    model.setup_kv_cache(batch_size=1, max_seq_len=total)
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    ids = torch.full((batch, longest), tokenizer.pad_id, dtype=torch.long, device=device)
+    real = torch.zeros((batch, total), dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompt_ids):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        real[row, longest - len(prompt):] = True
+    padded = bool((~real[:, :longest]).any())
+    positions = (real[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
+    seen = ids.clone()
+    rows = [_Row(ids=[]) for _ in prompt_ids]
+    decoders = [tokenizer.stream_decoder() for _ in prompt_ids]
+
+    model.setup_kv_cache(batch_size=batch, max_seq_len=total)
     try:
-        logits = model(torch.tensor([prompt_ids], device=device))[:, -1]
-        position = len(prompt_ids)
-        for _ in range(max_new_tokens):
-            next_id = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            token = int(next_id.item())
-            if token == eos_id:
+        logits = model(ids, positions=positions, key_padding_mask=real[:, :longest] if padded else None)[:, -1]
+        next_position = positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            logits = penalize_repetition(logits, seen, repetition_penalty)
+            next_ids = choose_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            pieces = []
+            for row, (state, decoder, token) in enumerate(zip(rows, decoders, next_ids.tolist())):
+                if state.done:
+                    pieces.append("")
+                    continue
+                if token == tokenizer.eos_id:
+                    state.done = True
+                    piece = decoder.flush()
+                else:
+                    state.ids.append(token)
+                    piece = decoder.push(token)
+                text, hit = _cut_at_stop(state.text + piece, stop)
+                piece, state.text = text[len(state.text):], text
+                state.done |= hit
+                pieces.append(piece)
+            yield pieces
+            if all(state.done for state in rows):
                 return
-            yield token
-            logits = model(next_id.view(1, 1), start_pos=position)[:, -1]
-            position += 1
+            real[:, longest + step] = True
+            seen = torch.cat([seen, next_ids[:, None]], dim=1)
+            logits = model(next_ids[:, None], start_pos=longest + step, positions=next_position,
+                           key_padding_mask=real[:, : longest + step + 1] if padded else None)[:, -1]
+            next_position = next_position + 1
+        tails = []
+        for state, decoder in zip(rows, decoders):
+            text, _ = _cut_at_stop(state.text + ("" if state.done else decoder.flush()), stop)
+            tails.append(text[len(state.text):])
+            state.text = text
+        yield tails
     finally:
         model.clear_kv_cache()
+
+
+@torch.no_grad()
+def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_beams: int,
+                 max_new_tokens: int, length_penalty: float = 1.0) -> tuple[list[int], float]:
+    """(best continuation ids without EOS, its total log-probability). Hypotheses that end in EOS
+    are ranked by log-probability / length**length_penalty, as in Hugging Face transformers."""
+    device = model.tok_embeddings.weight.device
+    total = len(prompt) + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"context of {model.config.max_seq_len} tokens")
+    model.setup_kv_cache(batch_size=num_beams, max_seq_len=total)
+    try:
+        logprobs = model(torch.tensor([prompt], device=device))[:, -1].float().log_softmax(-1)
+        for layer in model.layers:
+            cache = layer.attention.kv_cache
+            cache.k[:] = cache.k[:1]
+            cache.v[:] = cache.v[:1]
+        scores = torch.zeros(1, device=device)
+        beams: list[list[int]] = [[]]
+        finished: list[tuple[float, float, list[int]]] = []  # (ranking score, log-prob, ids)
+        for step in range(max_new_tokens):
+            candidates = (scores[:, None] + logprobs).flatten()
+            top_scores, top_index = candidates.topk(min(2 * num_beams, candidates.numel()))
+            vocab = logprobs.shape[-1]
+            next_beams, next_scores, parents, tokens = [], [], [], []
+            for score, index in zip(top_scores.tolist(), top_index.tolist()):
+                parent, token = divmod(index, vocab)
+                if token == tokenizer.eos_id:
+                    length = len(beams[parent]) + 1
+                    finished.append((score / length**length_penalty, score, beams[parent]))
+                    continue
+                next_beams.append(beams[parent] + [token])
+                next_scores.append(score)
+                parents.append(parent)
+                tokens.append(token)
+                if len(next_beams) == num_beams:
+                    break
+            beams, scores = next_beams, torch.tensor(next_scores, device=device)
+            best_open = max(next_scores) / (step + 2) ** length_penalty if next_scores else None
+            if len(finished) >= num_beams and (best_open is None or max(f[0] for f in finished) >= best_open):
+                beams = []  # the open beams can no longer beat what has finished
+                break
+            if step == max_new_tokens - 1:
+                break
+            index = torch.tensor(parents, device=device)
+            for layer in model.layers:
+                cache = layer.attention.kv_cache
+                cache.k[: len(parents)] = cache.k.index_select(0, index)
+                cache.v[: len(parents)] = cache.v.index_select(0, index)
+            step_input = torch.tensor(tokens, device=device)[:, None]
+            logprobs = model(step_input, start_pos=len(prompt) + step)[:, -1].float().log_softmax(-1)
+        for ids, score in zip(beams, scores.tolist()):
+            finished.append((score / (len(ids) + 1) ** length_penalty, score, ids))
+        _, logprob, ids = max(finished, key=lambda f: f[0])
+        return ids, logprob
+    finally:
+        model.clear_kv_cache()
+
+
+def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, num_beams: int = 1,
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None) -> str | list[str]:
+    """Continue already-templated prompts; a single string in gives a single string out."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    prompt_ids = [tokenizer.encode(p, bos=True) for p in batch]
+    was_training = model.training
+    model.eval()
+    try:
+        if num_beams > 1:
+            texts = []
+            for ids in prompt_ids:
+                best, _ = _beam_search(model, tokenizer, ids, num_beams=num_beams, max_new_tokens=max_new_tokens)
+                texts.append(_cut_at_stop(tokenizer.decode(best), stop)[0])
+        else:
+            texts = [""] * len(batch)
+            for pieces in _sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, stop=stop, seed=seed):
+                texts = [t + p for t, p in zip(texts, pieces)]
+    finally:
         model.train(was_training)
+    return texts[0] if single else texts
 
 
-def generate_text(model: LLaMA, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 128,
-                  temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                  seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """Complete one already-templated prompt; ``on_text`` receives text as it is decoded."""
-    decoder = tokenizer.stream_decoder()
-    pieces = []
-    for token in stream_tokens(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
-                               eos_id=tokenizer.eos_id, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed):
-        pieces.append(decoder.push(token))
-        if on_text and pieces[-1]:
-            on_text(pieces[-1])
-    pieces.append(decoder.flush())
-    if on_text and pieces[-1]:
-        on_text(pieces[-1])
-    return "".join(pieces)
+def stream(model: LLaMA, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
+           stop: Sequence[str] = (), seed: int | None = None) -> Iterator[str]:
+    """Yield one prompt's continuation as text pieces, as soon as they decode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for pieces in _sample(model, tokenizer, [tokenizer.encode(prompt, bos=True)], max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, stop=stop, seed=seed):
+            if pieces[0]:
+                yield pieces[0]
+    finally:
+        model.train(was_training)

@@ -8,8 +8,9 @@ so an adapted model's output at step 0 is exactly the base model's.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,7 @@ class LoRALinear(nn.Linear):
         self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # see lora_disabled(): the base model's output, without unmerging
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -88,13 +90,15 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b)
         return out + (update * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.disabled:
+            raise RuntimeError("cannot merge a LoRA layer while it is disabled")
         if not self.merged:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
             self.merged = True
@@ -171,6 +175,21 @@ def assert_only_base_keys_missing(missing: Iterable[str], unexpected: Iterable[s
     lora_missing = [k for k in missing if is_lora_parameter(k)]
     if lora_missing or unexpected:
         raise ValueError(f"adapter does not fit: missing LoRA {lora_missing[:3]}, unexpected {unexpected[:3]}")
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone (for base-vs-tuned comparisons) without a second copy in memory."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("unmerge the adapter before disabling it")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -57,22 +57,28 @@ class LoRAFineTuner(L.LightningModule):
         self.strict_loading = False
         self.val_loss = MeanMetric()
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.flops_per_batch = 0
+        self._matmul_parameters: int | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
-    def training_flops(self, batch_size: int, seq_len: int) -> int:
-        """(4N + 12·L·d·T) FLOPs per token for LoRA on a frozen base (N = matmul parameters):
-        forward 2N, backward through activations 2N (no weight gradients for the frozen base),
-        attention scores and values 12·L·d·T. Read by Lightning's ThroughputMonitor for MFU."""
+    def flops(self, batch_size: int, seq_len: int, *, backward: bool) -> int:
+        """FLOPs of a batch, read by Lightning's ThroughputMonitor for MFU. Per token: forward 2N and,
+        for LoRA on a frozen base, backward through activations only 2N more (no weight gradients
+        for the base), plus attention 4·L·d·T forward (12·L·d·T with backward); N = matmul parameters."""
+        if self._matmul_parameters is None:
+            self._matmul_parameters = sum(m.weight.numel() for m in self.model.modules()
+                                          if isinstance(m, torch.nn.Linear))
+            if self.model.output is None:
+                self._matmul_parameters += self.model.tok_embeddings.weight.numel()
         config = self.model.config
-        matmul = sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
-        if self.model.output is None:
-            matmul += self.model.tok_embeddings.weight.numel()
-        return batch_size * seq_len * (4 * matmul + 12 * config.n_layers * config.dim * seq_len)
+        per_token = (4 if backward else 2) * self._matmul_parameters
+        per_token += (12 if backward else 4) * config.n_layers * config.dim * seq_len
+        return batch_size * seq_len * per_token
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self.flops_per_batch = self.training_flops(*batch["input_ids"].shape)
+        self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)
         logits = self.model(batch["input_ids"])
         loss_sum, n_tokens = token_nll(logits, batch["labels"])
         if not torch.isfinite(loss_sum):
@@ -90,6 +96,7 @@ class LoRAFineTuner(L.LightningModule):
         return loss_sum * scale / window_tokens.clamp(min=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=False)
         logits = self.model(batch["input_ids"])
         loss_sum, n_tokens = token_nll(logits, batch["labels"])
         self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)

@@ -31,6 +31,19 @@ def test_adapter_from_training_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 2, template alpaca" in result.stderr
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Give the plural form of the noun: goose\nWhat is 2 plus 2?\n")
+    compared = run_generate(f"ckpt_path={checkpoint}", f"prompts_file={prompts}", "compare=true", "max_new_tokens=8")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert compared.stdout.count("[base] ") == 2 and compared.stdout.count("[fine-tuned] ") == 2
+    assert "### 2. What is 2 plus 2?" in compared.stdout
+
+    alpaca = tmp_path / "prompts.json"
+    alpaca.write_text('[{"instruction": "Spell the word backwards.", "input": "river", "output": ""}]')
+    batch = run_generate(f"ckpt_path={checkpoint}", f"prompts_file={alpaca}", "num_beams=2", "max_new_tokens=6")
+    assert batch.returncode == 0, batch.stderr[-2000:]
+    assert "### 1. Spell the word backwards.\n[input] river" in batch.stdout
+
 
 def test_adapter_for_another_base_is_refused(tmp_path):
     run_train(*TINY, "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", run_dir=tmp_path)

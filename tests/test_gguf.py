@@ -53,15 +53,14 @@ def test_smollm2_tokenizer_matches_transformers(default_model, transformers_smol
 
 
 def test_default_model_answers_capital_of_france(default_model):
-    from llm_lightning.generation import generate_text
+    from llm_lightning.generation import generate, stream
     from llm_lightning.prompts import get_template
 
     model, tokenizer = default_model
     prompt = get_template("chat").format("What is the capital of France?")
-    streamed: list[str] = []
-    answer = generate_text(model, tokenizer, prompt, max_new_tokens=24, on_text=streamed.append)
+    answer = generate(model, tokenizer, prompt, max_new_tokens=24)
     assert "Paris" in answer
-    assert "".join(streamed) == answer
+    assert "".join(stream(model, tokenizer, prompt, max_new_tokens=24)) == answer
 
 
 def _sentencepiece_vocab(path):

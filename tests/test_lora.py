@@ -88,6 +88,21 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores():
     assert torch.allclose(model.layers[0].attention.wq.weight, base_weight, atol=1e-6)
 
 
+def test_lora_disabled_gives_the_base_output():
+    from llm_lightning.lora import lora_disabled
+
+    base = tiny()
+    adapted = apply_lora(tiny(), LoRAConfig(r=4, targets=("all",)))
+    randomize_lora(adapted)
+    input_ids = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        tuned = adapted(input_ids)
+        with lora_disabled(adapted):
+            assert torch.equal(adapted(input_ids), base(input_ids))
+        assert torch.equal(adapted(input_ids), tuned)
+    assert not torch.equal(tuned, base(input_ids))
+
+
 def test_adapter_state_dict_round_trip():
     source = apply_lora(tiny(), LoRAConfig(r=4, targets=("wq", "wv")))
     randomize_lora(source)

@@ -1,0 +1,115 @@
+"""Generation: cache vs no cache, greedy equivalences, top-p on a known distribution, beams,
+batching with left padding, stop strings, seeds and streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_lightning.generation import _beam_search, filter_logits, generate, stream
+from llm_lightning.prompts import get_template
+
+PROMPTS = ["What is the capital of France?", "Name three colors.", "Write the number 42 in words."]
+
+
+@pytest.fixture(scope="module")
+def smollm2(default_model):
+    return default_model
+
+
+def chat(text: str) -> str:
+    return get_template("chat").format(text)
+
+
+def greedy_without_cache(model, tokenizer, prompt: str, steps: int) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if token == tokenizer.eos_id:
+                break
+            out.append(token)
+    return out
+
+
+def test_cached_greedy_equals_uncached_greedy(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat(PROMPTS[2])
+    expected = tokenizer.decode(greedy_without_cache(model, tokenizer, prompt, 20))
+    assert generate(model, tokenizer, prompt, max_new_tokens=20) == expected
+
+
+def test_top_k_1_and_one_beam_equal_greedy(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat(PROMPTS[1])
+    greedy = generate(model, tokenizer, prompt, max_new_tokens=16)
+    assert generate(model, tokenizer, prompt, max_new_tokens=16, temperature=1.0, top_k=1, seed=3) == greedy
+    assert generate(model, tokenizer, prompt, max_new_tokens=16, num_beams=1) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]])
+    logits = probs.log()
+    kept = lambda p: set(torch.isfinite(filter_logits(logits, top_p=p))[0].nonzero().flatten().tolist())  # noqa: E731
+    assert kept(0.4) == {1}
+    assert kept(0.41) == {1, 3}
+    assert kept(0.7) == {1, 3}
+    assert kept(0.71) == {1, 3, 4}
+    assert kept(0.95) == {1, 2, 3, 4}
+    assert kept(1.0) == {0, 1, 2, 3, 4}
+    assert set(torch.isfinite(filter_logits(logits, top_k=2))[0].nonzero().flatten().tolist()) == {1, 3}
+
+
+def _logprob(model, prompt_ids: list[int], continuation: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + continuation]))[0].float().log_softmax(-1)
+    return sum(logits[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(continuation))
+
+
+def test_beam_search_scores_at_least_greedy(smollm2):
+    model, tokenizer = smollm2
+    for text in PROMPTS:
+        prompt_ids = tokenizer.encode(chat(text))
+        greedy = greedy_without_cache(model, tokenizer, chat(text), 12)
+        beam, beam_logprob = _beam_search(model, tokenizer, prompt_ids, num_beams=4, max_new_tokens=12,
+                                          length_penalty=0.0)
+        assert beam_logprob == pytest.approx(_logprob(model, prompt_ids, beam + ([tokenizer.eos_id] if len(beam) < 12 else [])), abs=1e-3)
+        greedy_logprob = _logprob(model, prompt_ids, greedy + ([tokenizer.eos_id] if len(greedy) < 12 else []))
+        assert beam_logprob >= greedy_logprob - 1e-4
+
+
+def test_batched_left_padded_equals_one_by_one(smollm2):
+    model, tokenizer = smollm2
+    prompts = [chat(p) for p in PROMPTS]
+    assert len({len(tokenizer.encode(p)) for p in prompts}) == 3  # really padded
+    batched = generate(model, tokenizer, prompts, max_new_tokens=24)
+    assert batched == [generate(model, tokenizer, p, max_new_tokens=24) for p in prompts]
+
+
+def test_stop_strings_cut_exactly(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat("Count from 1 to 10, separated by commas.")
+    full = generate(model, tokenizer, prompt, max_new_tokens=40)
+    assert "5" in full
+    cut = generate(model, tokenizer, prompt, max_new_tokens=40, stop=["5"])
+    assert cut == full[: full.index("5")]
+    assert generate(model, tokenizer, [prompt, chat(PROMPTS[0])], max_new_tokens=40, stop=["5"])[0] == cut
+
+
+def test_sampling_is_deterministic_under_a_seed_and_streams(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat("Tell me a short story about a cat.")
+    options = dict(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=11)
+    first = generate(model, tokenizer, prompt, **options)
+    assert generate(model, tokenizer, prompt, **options) == first
+    assert generate(model, tokenizer, prompt, **{**options, "seed": 12}) != first
+    assert "".join(stream(model, tokenizer, prompt, **options)) == first
+
+
+def test_repetition_penalty_changes_greedy_output(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat("Repeat the word 'cat' ten times.")
+    plain = generate(model, tokenizer, prompt, max_new_tokens=20)
+    penalized = generate(model, tokenizer, prompt, max_new_tokens=20, repetition_penalty=1.5)
+    assert plain != penalized
