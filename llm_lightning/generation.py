@@ -66,7 +66,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 @torch.no_grad()
 def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
             temperature: float, top_k: int | None, top_p: float, repetition_penalty: float,
-            stop: Sequence[str], seed: int | None) -> Iterator[list[str]]:
+            stop: Sequence[str], seed: int | None, min_new_tokens: int = 0) -> Iterator[list[str]]:
     """Yield, after every step, the new text of each row (empty for rows that produced none)."""
     device = model.tok_embeddings.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -92,6 +92,8 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, 
         next_position = positions[:, -1:] + 1
         for step in range(max_new_tokens):
             logits = penalize_repetition(logits, seen, repetition_penalty)
+            if step < min_new_tokens:
+                logits[:, tokenizer.eos_id] = float("-inf")
             next_ids = choose_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             pieces = []
             for row, (state, decoder, token) in enumerate(zip(rows, decoders, next_ids.tolist())):
@@ -187,8 +189,10 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
 
 def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, num_beams: int = 1,
-             repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None) -> str | list[str]:
-    """Continue already-templated prompts; a single string in gives a single string out."""
+             repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
+             min_new_tokens: int = 0) -> str | list[str]:
+    """Continue already-templated prompts; a single string in gives a single string out.
+    ``min_new_tokens`` forbids EOS before that many tokens (for benchmarks and forced lengths)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     prompt_ids = [tokenizer.encode(p, bos=True) for p in batch]
@@ -204,7 +208,8 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *
             texts = [""] * len(batch)
             for pieces in _sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, stop=stop, seed=seed):
+                                  repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                                  min_new_tokens=min_new_tokens):
                 texts = [t + p for t, p in zip(texts, pieces)]
     finally:
         model.train(was_training)

@@ -42,7 +42,7 @@ def test_smollm2_logits_match_transformers(default_model, transformers_smollm2):
     ids = torch.tensor([tokenizer.encode(TEXTS[2] + "Tell me about the Eiffel Tower in Paris.")])
     with torch.no_grad():
         difference = (model(ids) - reference(ids).logits).abs().max().item()
-    assert difference <= 1e-3
+    assert difference <= 2e-4  # measured 8e-5: both sides dequantize with the gguf package
 
 
 def test_smollm2_tokenizer_matches_transformers(default_model, transformers_smollm2):

@@ -18,6 +18,7 @@ from llm_lightning.checkpoints.assemble import assemble_model, expected_shapes
 from llm_lightning.checkpoints.torch_files import load_torch_state_dict
 from llm_lightning.config import LLaMAConfig, RopeScaling
 from llm_lightning.errors import CheckpointError
+from llm_lightning.lora import is_lora_parameter
 from llm_lightning.model import LLaMA
 
 # Tensors Meta's files carry that are not parameters of the model (precomputed rotary tables).
@@ -134,10 +135,11 @@ def params_for(config: LLaMAConfig) -> dict:
 
 
 def save_meta_checkpoint(model: LLaMA, directory: Path, num_shards: int = 1) -> None:
-    """Write ``params.json`` and ``consolidated.NN.pth`` split the way Meta's model-parallel code does."""
+    """Write ``params.json`` and ``consolidated.NN.pth`` split the way Meta's model-parallel code does
+    (base weights only: merge an adapter first to include it)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "params.json").write_text(json.dumps(params_for(model.config), indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not is_lora_parameter(k)}
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     for name, tensor in state.items():
         if tensor.ndim == 1 or num_shards == 1:

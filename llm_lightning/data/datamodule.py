@@ -49,6 +49,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.sha256, self.pad_to_multiple_of = sha256, pad_to_multiple_of
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
+        self.val_records: list[Record] = []
         self.report: DataAudit | None = None
         self._resume: dict[str, int] | None = None
 
@@ -57,10 +58,17 @@ class AlpacaDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         return {"epoch": self.trainer.current_epoch,
-                "consumed_batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+                "consumed_batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                "settings": self.settings()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state) if state else None
+    def settings(self) -> dict:
+        """What reproduces this split and encoding (evaluation reads it back from the checkpoint)."""
+        return {"path": self.source, "template": self.template.name, "max_seq_length": self.max_seq_length,
+                "train_on_inputs": self.train_on_inputs, "val_size": self.val_size, "limit": self.limit,
+                "seed": self.seed, "skip_invalid": self.skip_invalid}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = {k: state[k] for k in ("epoch", "consumed_batches")} if state else None
 
     def prepare_data(self) -> None:
         """Download a URL source once (rank 0 only, as Lightning calls this)."""
@@ -77,11 +85,12 @@ class AlpacaDataModule(L.LightningDataModule):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
-    def _encode(self, records: list[Record]) -> tuple[list[Example], int]:
-        encoded = [encode_record(r, self.tokenizer, self.template, max_seq_length=self.max_seq_length,
-                                 train_on_inputs=self.train_on_inputs) for r in records]
-        kept = [e for e in encoded if e is not None]
-        return kept, len(encoded) - len(kept)
+    def _encode(self, records: list[Record]) -> tuple[list[Example], list[Record], int]:
+        """Examples, the records they came from, and how many records were too long to keep."""
+        pairs = [(encode_record(r, self.tokenizer, self.template, max_seq_length=self.max_seq_length,
+                                train_on_inputs=self.train_on_inputs), r) for r in records]
+        kept = [(e, r) for e, r in pairs if e is not None]
+        return [e for e, _ in kept], [r for _, r in kept], len(pairs) - len(kept)
 
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
@@ -96,8 +105,8 @@ class AlpacaDataModule(L.LightningDataModule):
         if not records:
             raise DataError(f"{self.source}: no valid records ({read} read, {skipped} skipped as invalid)")
         train_records, val_records = self._split(records)
-        self.train_examples, train_dropped = self._encode(train_records)
-        self.val_examples, val_dropped = self._encode(val_records)
+        self.train_examples, _, train_dropped = self._encode(train_records)
+        self.val_examples, self.val_records, val_dropped = self._encode(val_records)
         if not self.train_examples:
             raise DataError(
                 f"{self.source}: every training example is longer than data.max_seq_length="

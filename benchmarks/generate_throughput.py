@@ -1,0 +1,106 @@
+"""Batch-1 greedy decode: our ``generate`` vs transformers' ``generate``, same weights, same prompt.
+
+    python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
+    python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
+
+Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
+warm-up; the median of ``--repeats`` runs is reported. On CUDA the fraction of the memory-bandwidth
+bound (weight bytes per token / HBM bandwidth) is printed too. Results go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
+from llm_lightning.base_model import embedded_tokenizer
+from llm_lightning.checkpoints.hf_export import transformers_twin
+from llm_lightning.prompts import get_template
+
+HBM_BYTES_PER_SECOND = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def build(args) -> tuple[LLaMA, object]:
+    dtype = getattr(torch, args.dtype)
+    if args.preset is None:
+        model, tokenizer = load_pretrained(None, dtype=dtype, device=args.device)
+        return model, tokenizer
+    torch.manual_seed(0)
+    tokenizer = embedded_tokenizer()
+    config = LLaMAConfig.from_name(args.preset, vocab_size=max(LLaMAConfig.from_name(args.preset).vocab_size,
+                                                                  tokenizer.vocab_size))
+    with torch.device(args.device):
+        model = LLaMA(config).to(dtype).eval()
+    return model, tokenizer
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ours(model, tokenizer, prompt: str, new_tokens: int, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    generate(model, tokenizer, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    synchronize(device)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def time_theirs(twin, prompt_ids: torch.Tensor, new_tokens: int, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = twin.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=0)
+    synchronize(device)
+    assert out.shape[1] - prompt_ids.shape[1] == new_tokens
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, help="random weights of a preset shape (default: the embedded model)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", default="generate_throughput.json")
+    args = parser.parse_args()
+
+    model, tokenizer = build(args)
+    twin = transformers_twin(model)
+    prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
+    time_ours(model, tokenizer, prompt, 16, args.device)  # warm-up both sides
+    time_theirs(twin, prompt_ids, 16, args.device)
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(time_ours(model, tokenizer, prompt, args.new_tokens, args.device))
+        theirs.append(time_theirs(twin, prompt_ids, args.new_tokens, args.device))
+    result = {
+        "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
+        "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
+    }
+    result["ratio"] = result["ours_tokens_per_sec"] / result["transformers_tokens_per_sec"]
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        bandwidth = next((b for key, b in HBM_BYTES_PER_SECOND.items() if key in name), None)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if bandwidth:
+            bound = bandwidth / weight_bytes
+            result.update(gpu=name, bandwidth_bound_tokens_per_sec=bound,
+                          fraction_of_bound=result["ours_tokens_per_sec"] / bound)
+    print(json.dumps(result, indent=2))
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

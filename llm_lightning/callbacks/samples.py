@@ -1,0 +1,36 @@
+"""Show what the model says, not only its loss: greedy answers to a few validation prompts after
+every validation, as a wandb table when wandb logs the run, and printed otherwise."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from llm_lightning.generation import generate
+
+
+class SampleGenerations(L.Callback):
+    def __init__(self, num_prompts: int = 3, max_new_tokens: int = 64) -> None:
+        self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
+        self.history: list[tuple[int, str, str, str]] = []  # (step, prompt, answer, reference)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        records = getattr(datamodule, "val_records", [])[: self.num_prompts]
+        if not records or trainer.sanity_checking or self.num_prompts <= 0:
+            return
+        prompts = [datamodule.template.format(r.instruction, r.input) for r in records]
+        answers = generate(pl_module.model, datamodule.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
+        step = trainer.global_step
+        rows = [(step, r.instruction + (f"\n{r.input}" if r.input else ""), a, r.output)
+                for r, a in zip(records, answers)]
+        self.history.extend(rows)
+        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        if wandb_logger is not None:
+            wandb_logger.log_table("val/samples", columns=["step", "prompt", "answer", "reference"],
+                                   data=[list(row) for row in self.history], step=step)
+        else:
+            for _, prompt, answer, _ in rows:
+                print(f"[step {step}] {prompt.splitlines()[0][:80]}\n  -> {answer[:200]}")

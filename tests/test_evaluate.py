@@ -1,0 +1,59 @@
+"""Evaluation: perplexity is exp(mean token NLL) over responses; the CLI compares base and tuned."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llm_lightning import LLaMA, LLaMAConfig
+from llm_lightning.base_model import embedded_tokenizer
+from llm_lightning.data import IGNORE_INDEX, Record, encode_record
+from llm_lightning.evaluate import main as evaluate_main
+from llm_lightning.evaluate import perplexity, rouge_l
+from llm_lightning.prompts import get_template
+from tests.conftest import make_hf_llama, save_hf_dir
+from tests.train_runner import run_train
+
+
+def test_perplexity_equals_exp_of_mean_token_nll_by_hand():
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=49152)).eval()
+    tokenizer = embedded_tokenizer()
+    records = [Record("Say hi.", "", "Hi!"), Record("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
+               Record("Name a color.", "", "Blue is a color of the sky.")]
+    examples = [encode_record(r, tokenizer, get_template("alpaca"), max_seq_length=128) for r in records]
+    total_nll, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            logprobs = model(torch.tensor([example.input_ids]))[0].log_softmax(-1)
+            for position in range(1, len(example.input_ids)):
+                if example.labels[position] != IGNORE_INDEX:
+                    total_nll -= logprobs[position - 1, example.labels[position]].item()
+                    total_tokens += 1
+    assert total_tokens == sum(e.supervised_tokens for e in examples)
+    expected = math.exp(total_nll / total_tokens)
+    assert perplexity(model, examples, pad_id=tokenizer.pad_id, batch_size=2) == pytest.approx(expected, rel=1e-5)
+
+
+def test_rouge_l_of_identical_and_disjoint_text():
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(1.0)
+    assert rouge_l(["dogs bark loudly"], ["the cat sat"]) == 0.0
+
+
+def test_evaluate_cli_compares_base_and_fine_tuned(tmp_path, tiny_tokenizer_dir):
+    base = save_hf_dir(make_hf_llama(n_kv_heads=2), tmp_path / "base", tiny_tokenizer_dir)
+    run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=4", "data.max_seq_length=128", "data.val_size=6", "lora.r=4",
+              "optimizer.lr=3e-2", "scheduler.warmup_steps=0", run_dir=tmp_path / "run")
+    output = tmp_path / "eval.json"
+    results = evaluate_main([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model={base}",
+                             "max_new_tokens=6", f"output={output}"])
+    assert 0 < results["examples"] <= 6 and json.loads(output.read_text())["examples"] == results["examples"]
+    assert results["base"]["perplexity"] != results["fine_tuned"]["perplexity"]
+    assert all(0.0 <= results[k]["rougeL"] <= 1.0 for k in ("base", "fine_tuned"))
+    whole = evaluate_main([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model={base}",
+                           "split=all", "max_examples=3", "max_new_tokens=4", f"output={output}"])
+    assert whole["examples"] == 3 and whole["split"] == "all"

@@ -1,0 +1,77 @@
+"""Exports leave the framework intact: transformers and PEFT give our logits (fp32, <= 1e-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_lightning import load_pretrained
+from llm_lightning.adapter import load_adapter
+from llm_lightning.export import main as export_main
+from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
+from tests.train_runner import run_train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny HF base saved by transformers, and an adapter trained on it with train.py."""
+    root = tmp_path_factory.mktemp("export")
+    base = save_hf_dir(make_hf_llama(n_kv_heads=2), root / "base", tiny_tokenizer_dir)
+    run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=3", "trainer.limit_val_batches=0", "data.max_seq_length=128",
+              "lora.targets=[wq,wk,wv,w2]", "lora.r=4", "optimizer.lr=3e-2", "scheduler.warmup_steps=0",
+              run_dir=root / "run")
+    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
+    model, tokenizer = load_pretrained(base)
+    load_adapter(model, tokenizer, checkpoint)
+    input_ids = torch.randint(0, TINY_VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids)
+        base_logits = load_pretrained(base)[0](input_ids)
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter really changes the model
+    return base, checkpoint, input_ids, expected
+
+
+def test_hf_export_loads_in_transformers(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, checkpoint, input_ids, expected = trained
+    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=hf", f"output_dir={tmp_path}"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (merged(input_ids).logits - expected).abs().max().item() <= 1e-4
+    ours = load_pretrained(tmp_path)[1]
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    text = "The quick brown fox jumps over the lazy dog."
+    assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False)
+
+
+def test_peft_export_loads_in_peft(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, checkpoint, input_ids, expected = trained
+    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=peft", f"output_dir={tmp_path}"])
+    hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(hf_base, tmp_path).eval()
+    with torch.no_grad():
+        assert (adapted(input_ids=input_ids).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_meta_export_round_trips(trained, tmp_path):
+    base, checkpoint, input_ids, expected = trained
+    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=meta", f"output_dir={tmp_path}"])
+    assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["consolidated.00.pth", "params.json"]
+    merged, _ = load_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (merged(input_ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_unknown_setting_and_format(trained, capsys):
+    _, checkpoint, _, _ = trained
+    cases = [([f"ckpt_path={checkpoint}", "fromat=hf"], "unknown setting"),
+             ([f"ckpt_path={checkpoint}", "format=onnx", "output_dir=x"], "format=onnx: expected one of")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
