@@ -56,6 +56,10 @@ def test_peft_export_loads_in_peft(trained, tmp_path):
     adapted = PeftModel.from_pretrained(hf_base, tmp_path).eval()
     with torch.no_grad():
         assert (adapted(input_ids=input_ids).logits - expected).abs().max().item() <= 1e-4
+    ours, tokenizer = load_pretrained(base)  # and back: generate.py ckpt_path=<adapter dir>
+    load_adapter(ours, tokenizer, tmp_path)
+    with torch.no_grad():
+        assert (ours(input_ids) - expected).abs().max().item() <= 1e-5
 
 
 def test_meta_export_round_trips(trained, tmp_path):

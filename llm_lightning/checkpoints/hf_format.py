@@ -32,6 +32,9 @@ _LAYER_NAMES = {
     "post_attention_layernorm": "ffn_norm",
 }
 _TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
+# LoRA targets as PEFT names them for a LLaMA (the last part of the HF module name) -> ours.
+PEFT_TARGETS = {hf.rsplit(".", 1)[-1]: ours.rsplit(".", 1)[-1] for hf, ours in _LAYER_NAMES.items() if hf.endswith("proj")}
+PEFT_TARGETS["lm_head"] = "output"
 _LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 # Buffers that old transformers versions saved next to the weights.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
