@@ -161,7 +161,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                 "parameters": {"trainable": trainable, "total": total}})
 
     val_loss_start = _validation_loss(trainer, module, datamodule) if ckpt_path is None else None
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint to resume from is never allowed to run pickled code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     save_final_checkpoint(trainer)
     val_loss_end = _validation_loss(trainer, module, datamodule)
 
