@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from llm_lightning.errors import UserFacingError
 
@@ -27,3 +27,18 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapper
+
+
+def parse_settings(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``key=value`` arguments (dotted keys, Hydra-style values) over defaults; an unknown key is an error."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError
+
+    base = OmegaConf.create(defaults)
+    OmegaConf.set_struct(base, True)
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.from_cli(argv)))
+    except ConfigKeyError as exc:
+        raise UserFacingError(
+            f"unknown setting ({str(exc).splitlines()[0]}); expected one of {', '.join(defaults)}"
+        ) from None

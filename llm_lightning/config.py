@@ -8,7 +8,7 @@ width explicitly (Hugging Face ``intermediate_size``, GGUF ``feed_forward_length
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 

@@ -19,12 +19,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
 from torchmetrics.text.rouge import ROUGEScore
 
 from llm_lightning.adapter import find_last_checkpoint, load_adapter
-from llm_lightning.cli import exit_on_user_error
+from llm_lightning.cli import exit_on_user_error, parse_settings
 from llm_lightning.data import AlpacaDataModule, encode_record, read_records
 from llm_lightning.data.batching import collate
 from llm_lightning.data.encoding import Example
@@ -111,12 +109,7 @@ def format_table(results: dict) -> str:
 
 @exit_on_user_error
 def main(argv: list[str]) -> dict:
-    defaults = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(defaults, True)
-    try:
-        settings = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.from_cli(argv)))
-    except ConfigKeyError as exc:
-        raise UserFacingError(f"unknown setting ({str(exc).splitlines()[0]})") from None
+    settings = parse_settings(argv, DEFAULTS)
     results = evaluate(settings)
     print(format_table(results))
     Path(settings["output"]).write_text(json.dumps(results, indent=2))

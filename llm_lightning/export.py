@@ -16,14 +16,12 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
 
 from llm_lightning.adapter import find_last_checkpoint, load_adapter
 from llm_lightning.checkpoints.hf_export import save_hf_checkpoint
 from llm_lightning.checkpoints.hf_format import meta_to_hf_name, permute_to_hf
 from llm_lightning.checkpoints.meta_format import save_meta_checkpoint
-from llm_lightning.cli import exit_on_user_error
+from llm_lightning.cli import exit_on_user_error, parse_settings
 from llm_lightning.errors import UserFacingError
 from llm_lightning.lora import LoRALinear, merge_lora
 from llm_lightning.model import LLaMA
@@ -117,12 +115,7 @@ def export(settings: dict) -> Path:
 
 @exit_on_user_error
 def main(argv: list[str]) -> None:
-    defaults = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(defaults, True)
-    try:
-        settings = OmegaConf.to_container(OmegaConf.merge(defaults, OmegaConf.from_cli(argv)))
-    except ConfigKeyError as exc:
-        raise UserFacingError(f"unknown setting ({str(exc).splitlines()[0]}); expected {', '.join(DEFAULTS)}") from None
+    settings = parse_settings(argv, DEFAULTS)
     print(f"exported {settings['format']} to {export(settings)}")
 
 

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from llm_lightning.data import BUNDLED_SAMPLE, IGNORE_INDEX, AlpacaDataModule, DataError, Record, encode_record, read_records
-from llm_lightning.data.batching import ExampleDataset, WindowBatchSampler, collate
+from llm_lightning.data.batching import WindowBatchSampler, collate
 from llm_lightning.prompts import get_template
 from tests.conftest import shared_file
 
