@@ -35,9 +35,12 @@ class NonFiniteLossError(UserFacingError):
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token NLL over supervised positions, number of supervised positions)."""
-    targets = labels[:, 1:]
-    loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+    """(summed next-token NLL over supervised positions, number of supervised positions).
+
+    The labels are shifted rather than the logits: slicing ``logits[:, :-1]`` would make autograd
+    allocate and fill a zero tensor of the full [B, T, vocab] size in the backward pass."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, (targets != IGNORE_INDEX).sum()
 

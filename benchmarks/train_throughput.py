@@ -1,0 +1,137 @@
+"""LoRA training steps: ours vs transformers + PEFT on the same weights, batch, shapes and optimizer.
+
+    python benchmarks/train_throughput.py                          # the embedded SmolLM2-135M, CPU, fp32
+    python benchmarks/train_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --seq-len 2048
+
+Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
+(r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate after a warm-up; the
+median step is reported as tokens/s, with the ratio ours/theirs, peak memory (CUDA max allocated
+per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
+from llm_lightning.checkpoints.hf_export import transformers_twin
+from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
+from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.module import token_nll
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def base_model(args) -> LLaMA:
+    dtype = getattr(torch, args.dtype)
+    if args.preset is None:
+        return load_pretrained(None, dtype=dtype, device=args.device)[0]
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        return LLaMA(LLaMAConfig.from_name(args.preset)).to(dtype)
+
+
+def ours(model: LLaMA, lora: LoRAConfig):
+    """Our model and our training loss (``token_nll``, normalised as the LightningModule does)."""
+    apply_lora(model, lora)
+    model.train()
+
+    def loss(ids: torch.Tensor) -> torch.Tensor:
+        loss_sum, n_tokens = token_nll(model(ids), ids)
+        return loss_sum / n_tokens
+
+    return model, loss
+
+
+def theirs(model: LLaMA, lora: LoRAConfig):
+    from peft import LoraConfig, get_peft_model
+
+    hf_names = {ours_name: hf for hf, ours_name in PEFT_TARGETS.items()}
+    twin = get_peft_model(transformers_twin(model), LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=[hf_names[t] for t in lora.targets]))
+    twin.train()
+    return twin, lambda ids: twin(input_ids=ids, labels=ids).loss  # transformers' own causal-LM loss
+
+
+def step_time(model, loss_fn, optimizer, ids, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss_fn(ids).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def matmul_parameters(model: LLaMA) -> int:
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear + (model.tok_embeddings.weight.numel() if model.output is None else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--targets", default="wq,wv")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--output", default="train_throughput.json")
+    args = parser.parse_args()
+
+    lora = LoRAConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, targets=tuple(args.targets.split(",")))
+    ours_model, ours_forward = ours(base_model(args), lora)
+    theirs_model, theirs_forward = theirs(base_model(args), lora)
+    config = ours_model.config
+    sides = {
+        "ours": (ours_model, ours_forward),
+        "transformers+peft": (theirs_model, theirs_forward),
+    }
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+                  for name, (m, _) in sides.items()}
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=args.device)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    memory: dict[str, float] = {}
+    for name, (model, forward) in sides.items():  # warm-up
+        step_time(model, forward, optimizers[name], ids, args.device)
+    for _ in range(args.steps):
+        for name, (model, forward) in sides.items():
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            times[name].append(step_time(model, forward, optimizers[name], ids, args.device))
+            memory[name] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    tokens = args.batch * args.seq_len
+    result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
+              "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
+              "threads": torch.get_num_threads()}
+    flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
+    for name in sides:
+        step = statistics.median(times[name])
+        result[name] = {"step_seconds": step, "tokens_per_sec": tokens / step,
+                        "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None}
+        if args.device.startswith("cuda"):
+            peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)
+            if peak:
+                result[name]["mfu"] = flops_per_token * tokens / step / peak
+    if not args.device.startswith("cuda"):
+        result["process_max_rss_gib"] = max(memory.values())
+    result["ratio"] = result["ours"]["tokens_per_sec"] / result["transformers+peft"]["tokens_per_sec"]
+    print(json.dumps(result, indent=2))
+    with open(args.output, "w") as handle:
+        json.dump(result, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
