@@ -114,7 +114,8 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, 
             if all(state.done for state in rows):
                 return
             real[:, longest + step] = True
-            seen = torch.cat([seen, next_ids[:, None]], dim=1)
+            if repetition_penalty != 1.0:  # the context is only needed to penalise it
+                seen = torch.cat([seen, next_ids[:, None]], dim=1)
             logits = model(next_ids[:, None], start_pos=longest + step, positions=next_position,
                            key_padding_mask=real[:, : longest + step + 1] if padded else None)[:, -1]
             next_position = next_position + 1

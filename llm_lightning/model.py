@@ -152,10 +152,6 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.tok_embeddings.weight if self.output is None else self.output.weight
-
     def setup_kv_cache(self, batch_size: int, max_seq_len: int | None = None,
                        dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         """Preallocate a KV cache in every layer; forward then takes ``start_pos``."""
@@ -170,10 +166,6 @@ class LLaMA(nn.Module):
     def clear_kv_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
-
-    @property
-    def has_kv_cache(self) -> bool:
-        return self.layers[0].attention.kv_cache is not None if len(self.layers) else False
 
     def attention_mask(self, seq_len: int, start_pos: int, key_padding_mask: torch.Tensor | None,
                        device: torch.device) -> torch.Tensor | None:

@@ -11,7 +11,6 @@ Checkpoints hold only the LoRA tensors plus optimizer, scheduler, RNG and a prov
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 
@@ -152,7 +151,3 @@ class LoRAFineTuner(L.LightningModule):
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(checkpoint["cuda_rng_state"])
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")

@@ -166,7 +166,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     save_final_checkpoint(trainer)
     val_loss_end = _validation_loss(trainer, module, datamodule)
 
-    checkpoints = [c for c in trainer.checkpoint_callbacks]
+    checkpoints = trainer.checkpoint_callbacks
     summary = {
         "name": cfg.get("name"),
         "output_dir": str(output_dir),
