@@ -23,7 +23,7 @@ from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
 from llm_lightning.checkpoints.hf_export import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
 from llm_lightning.lora import LoRAConfig, apply_lora
-from llm_lightning.module import token_nll
+from llm_lightning.loss import model_nll
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -38,12 +38,12 @@ def base_model(args) -> LLaMA:
 
 
 def ours(model: LLaMA, lora: LoRAConfig):
-    """Our model and our training loss (``token_nll``, normalised as the LightningModule does)."""
+    """Our model and our training loss (``model_nll``, normalised as the LightningModule does)."""
     apply_lora(model, lora)
     model.train()
 
     def loss(ids: torch.Tensor) -> torch.Tensor:
-        loss_sum, n_tokens = token_nll(model(ids), ids)
+        loss_sum, n_tokens = model_nll(model, ids, ids)
         return loss_sum / n_tokens
 
     return model, loss

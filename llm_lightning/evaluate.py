@@ -30,7 +30,7 @@ from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.lora import lora_disabled
 from llm_lightning.model import LLaMA
-from llm_lightning.module import token_nll
+from llm_lightning.loss import model_nll
 from llm_lightning.pretrained import load_pretrained
 
 DEFAULTS = {
@@ -46,7 +46,7 @@ def perplexity(model: LLaMA, examples: list[Example], *, pad_id: int, batch_size
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate([(e, -1) for e in examples[start:start + batch_size]], pad_id=pad_id)
-        loss_sum, n_tokens = token_nll(model(batch["input_ids"]), batch["labels"])
+        loss_sum, n_tokens = model_nll(model, batch["input_ids"], batch["labels"])
         total_nll, total_tokens = total_nll + loss_sum.item(), total_tokens + int(n_tokens)
     return math.exp(total_nll / max(total_tokens, 1))
 

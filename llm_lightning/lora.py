@@ -92,8 +92,9 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return out
-        update = F.linear(F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a), self.lora_b)
-        return out + (update * self.scaling).to(out.dtype)
+        # Scaling the rank-r intermediate rather than the output touches r instead of out_features columns.
+        down = F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a) * self.scaling
+        return out + F.linear(down, self.lora_b).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

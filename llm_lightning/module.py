@@ -16,13 +16,11 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
-from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
+from llm_lightning.loss import model_nll
 from llm_lightning.model import LLaMA
 from llm_lightning.provenance import check_provenance
 
@@ -31,17 +29,6 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 class NonFiniteLossError(UserFacingError):
     """Training diverged; the last checkpoint written before this step is intact."""
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token NLL over supervised positions, number of supervised positions).
-
-    The labels are shifted rather than the logits: slicing ``logits[:, :-1]`` would make autograd
-    allocate and fill a zero tensor of the full [B, T, vocab] size in the backward pass."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
 class LoRAFineTuner(L.LightningModule):
@@ -57,8 +44,7 @@ class LoRAFineTuner(L.LightningModule):
         self.force_adapter_load = force_adapter_load
         # Checkpoints carry only LoRA tensors; on_load_checkpoint verifies that exactly those are present.
         self.strict_loading = False
-        self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()  # weighted by supervised tokens, so exp() of it is the perplexity
         self.flops_per_batch = 0
         self._matmul_parameters: int | None = None
 
@@ -81,8 +67,7 @@ class LoRAFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)
-        logits = self.model(batch["input_ids"])
-        loss_sum, n_tokens = token_nll(logits, batch["labels"])
+        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"])
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(
                 f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
@@ -99,12 +84,14 @@ class LoRAFineTuner(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=False)
-        logits = self.model(batch["input_ids"])
-        loss_sum, n_tokens = token_nll(logits, batch["labels"])
+        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"])
         self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
-        self.val_ppl.update(logits[:, :-1].float(), batch["labels"][:, 1:])
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("val/ppl", self.val_ppl, batch_size=batch["input_ids"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        mean_loss = self.val_loss.compute()  # synchronised across ranks
+        self.log("val/loss", mean_loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", mean_loss.exp(), sync_dist=False)
+        self.val_loss.reset()
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]

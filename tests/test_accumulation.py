@@ -11,7 +11,8 @@ from llm_lightning import LLaMA, LLaMAConfig
 from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.data import AlpacaDataModule
 from llm_lightning.lora import LoRAConfig, apply_lora
-from llm_lightning.module import LoRAFineTuner, token_nll
+from llm_lightning.loss import token_nll
+from llm_lightning.module import LoRAFineTuner
 
 
 class GradientCapture(L.Callback):
