@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="random weights of a preset shape (default: the embedded model)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--their-dtype", default=None,
+                        help="run transformers in another dtype (default: --dtype), e.g. ours bf16 vs its fp32")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="generate_throughput.json")
@@ -75,6 +77,8 @@ def main() -> None:
 
     model, tokenizer = build(args)
     twin = transformers_twin(model)
+    if args.their_dtype:
+        twin = twin.to(getattr(torch, args.their_dtype))
     prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
     time_ours(model, tokenizer, prompt, 16, args.device)  # warm-up both sides
@@ -85,7 +89,8 @@ def main() -> None:
         theirs.append(time_theirs(twin, prompt_ids, args.new_tokens, args.device))
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
+        "their_dtype": args.their_dtype or args.dtype, "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
     }
     result["ratio"] = result["ours_tokens_per_sec"] / result["transformers_tokens_per_sec"]

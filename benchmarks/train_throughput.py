@@ -2,8 +2,11 @@
 
     python benchmarks/train_throughput.py                          # the embedded SmolLM2-135M, CPU, fp32
     python benchmarks/train_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --seq-len 2048
+    python benchmarks/train_throughput.py --data ../shared/data/alpaca_en_demo.json   # real records, prompts masked
 
-Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
+By default every position of a random batch is supervised; with ``--data`` the batches are real
+Alpaca records (Alpaca template, prompt tokens masked, right-padded to ``--seq-len``), as training
+sees them. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
 (r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate after a warm-up; the
 median step is reported as tokens/s, with the ratio ours/theirs, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
@@ -20,10 +23,15 @@ import time
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
+from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.checkpoints.hf_export import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
+from llm_lightning.data.batching import collate
+from llm_lightning.data.encoding import IGNORE_INDEX, encode_record
+from llm_lightning.data.records import read_records
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import model_nll
+from llm_lightning.prompts import get_template
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -42,8 +50,8 @@ def ours(model: LLaMA, lora: LoRAConfig):
     apply_lora(model, lora)
     model.train()
 
-    def loss(ids: torch.Tensor) -> torch.Tensor:
-        loss_sum, n_tokens = model_nll(model, ids, ids)
+    def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss_sum, n_tokens = model_nll(model, ids, labels)
         return loss_sum / n_tokens
 
     return model, loss
@@ -57,19 +65,36 @@ def theirs(model: LLaMA, lora: LoRAConfig):
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
         target_modules=[hf_names[t] for t in lora.targets]))
     twin.train()
-    return twin, lambda ids: twin(input_ids=ids, labels=ids).loss  # transformers' own causal-LM loss
+    return twin, lambda ids, labels: twin(input_ids=ids, labels=labels).loss  # transformers' own causal-LM loss
 
 
-def step_time(model, loss_fn, optimizer, ids, device: str) -> float:
+def step_time(model, loss_fn, optimizer, batch: tuple[torch.Tensor, torch.Tensor], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss_fn(ids).backward()
+    loss_fn(*batch).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) pairs of shape [batch, seq_len]: random and fully supervised, or real records."""
+    if args.data is None:
+        ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), device=args.device)
+        return [(ids, ids)]
+    tokenizer = embedded_tokenizer()
+    records, _ = read_records(args.data)
+    examples = [e for r in records if (e := encode_record(
+        r, tokenizer, get_template("alpaca"), max_seq_length=args.seq_len)) is not None]
+    out = []
+    for start in range(0, len(examples) - args.batch + 1, args.batch):
+        batch = collate([(e, -1) for e in examples[start:start + args.batch]], pad_id=tokenizer.pad_id,
+                        pad_to_multiple_of=args.seq_len)
+        out.append((batch["input_ids"].to(args.device), batch["labels"].to(args.device)))
+    return out
 
 
 def matmul_parameters(model: LLaMA) -> int:
@@ -87,6 +112,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="wq,wv")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--data", default=None, help="an Alpaca JSON file: time real, prompt-masked batches")
     parser.add_argument("--output", default="train_throughput.json")
     args = parser.parse_args()
 
@@ -100,26 +126,31 @@ def main() -> None:
     }
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for name, (m, _) in sides.items()}
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=args.device)
+    data = batches(args, config.vocab_size)
+    tokens = args.batch * args.seq_len
     times: dict[str, list[float]] = {name: [] for name in sides}
     memory: dict[str, float] = {}
     for name, (model, forward) in sides.items():  # warm-up
-        step_time(model, forward, optimizers[name], ids, args.device)
-    for _ in range(args.steps):
+        step_time(model, forward, optimizers[name], data[-1], args.device)
+    supervised = 0
+    for step in range(args.steps):
+        batch = data[step % len(data)]
+        supervised += int((batch[1][:, 1:] != IGNORE_INDEX).sum())
         for name, (model, forward) in sides.items():
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            times[name].append(step_time(model, forward, optimizers[name], ids, args.device))
+            times[name].append(step_time(model, forward, optimizers[name], batch, args.device))
             memory[name] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    tokens = args.batch * args.seq_len
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
-              "threads": torch.get_num_threads()}
+              "data": args.data or "random ids, all supervised", "threads": torch.get_num_threads(),
+              "supervised_fraction": supervised / (args.steps * tokens)}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
     for name in sides:
         step = statistics.median(times[name])
         result[name] = {"step_seconds": step, "tokens_per_sec": tokens / step,
+                        "supervised_tokens_per_sec": tokens / step * result["supervised_fraction"],
                         "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None}
         if args.device.startswith("cuda"):
             peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)

@@ -4,7 +4,8 @@ The model is built on the meta device (no memory), LoRA is applied, and the tabl
 parameter counts and an estimate of training memory for the chosen precision, batch and
 sequence length. The activation estimate counts the tensors autograd keeps per token and layer
 for a LoRA run with a frozen base (block input, two norm outputs, q/k/v, attention output,
-residual, four FFN intermediates, dropout masks), plus the fp32 logits and their gradient;
+residual, four FFN intermediates, dropout masks), plus the fused head + loss's two fp32 chunk
+buffers (``linear_cross_entropy``: never the full logits) and the hidden-state gradient it keeps;
 with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from llm_lightning.config import LLaMAConfig
+from llm_lightning.linear_cross_entropy import CHUNK_BYTES
 from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
 from llm_lightning.model import LLaMA
 
@@ -30,8 +32,8 @@ def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act
         blocks = config.n_layers * d + per_layer
     else:
         blocks = config.n_layers * per_layer
-    logits = config.vocab_size * (act_bytes + 4 + 4)  # logits, fp32 upcast for the loss, gradient
-    return tokens * (blocks * act_bytes + logits)
+    head_and_loss = 2 * min(tokens * config.vocab_size * 4, CHUNK_BYTES["cuda"])
+    return tokens * (blocks + d) * act_bytes + head_and_loss
 
 
 def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: str, batch_size: int, seq_len: int,

@@ -28,6 +28,7 @@ from llm_lightning.dry_run import estimate, format_report
 from llm_lightning.errors import UserFacingError
 from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
 from llm_lightning.module import LoRAFineTuner
+from llm_lightning.precision import HALF_PRECISIONS, HalfPrecisionFP32Adapters
 from llm_lightning.prompts import get_template
 from llm_lightning.provenance import build_provenance
 
@@ -101,6 +102,15 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def precision_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """Half-precision training keeps the adapters in fp32 (see ``precision.py``). FSDP brings its
+    own precision plugin, which casts everything it shards, so it keeps Lightning's setting."""
+    precision = str(trainer_cfg.get("precision", "32-true"))
+    if precision not in HALF_PRECISIONS or "fsdp" in str(trainer_cfg.get("strategy")).lower():
+        return {}
+    return {"precision": None, "plugins": [HalfPrecisionFP32Adapters(precision)]}
+
+
 def save_final_checkpoint(trainer: L.Trainer) -> None:
     """Write the final state to ``last.ckpt``: ModelCheckpoint saves every N steps, and since
     Lightning 2.6 it refreshes ``last.ckpt`` only when that step also saved a regular checkpoint."""
@@ -132,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     lora = lora_config(cfg)
     template = get_template(cfg.data.template)
     provenance = build_provenance(model, tokenizer, template)
-    apply_lora(model, lora)
+    apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
     model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
     trainable, total = count_parameters(model)
 
@@ -152,7 +162,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         resources = ResourceMonitor()
         callbacks.append(resources)
     try:
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                         **precision_arguments(cfg.trainer))
     except (MisconfigurationException, ValueError) as exc:
         raise UserFacingError(f"trainer: {exc}") from None
     if logger:

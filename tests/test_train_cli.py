@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import signal
@@ -146,3 +147,16 @@ def test_sweep_runs_each_job_in_its_own_dir(tmp_path):
     assert all(len(dirs) == 1 for dirs in jobs.values())
     counts = {r: json.loads((dirs[0] / "summary.json").read_text())["trainable_parameters"] for r, dirs in jobs.items()}
     assert counts[8] == 2 * counts[4]
+
+
+def test_bf16_true_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path):
+    """Lightning's bf16-true would cast the LoRA tensors and AdamW's moments to bf16 too."""
+    run_train(*TINY, "trainer.precision=bf16-true", "trainer.max_steps=3", "data.batch_size=2",
+              run_dir=tmp_path)
+    result = summary(tmp_path)
+    assert result["global_step"] == 3 and math.isfinite(result["val_loss_end"])
+    checkpoint = torch.load(result["last_checkpoint"], weights_only=True)
+    assert checkpoint["state_dict"] and {t.dtype for t in checkpoint["state_dict"].values()} == {torch.float32}
+    moments = [s["exp_avg"] for s in checkpoint["optimizer_states"][0]["state"].values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    assert any(m.abs().sum() > 0 for m in moments)
