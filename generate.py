@@ -20,6 +20,7 @@ from llm_lightning.generation import stream
 from llm_lightning.lora import lora_disabled
 from llm_lightning.prompt_files import read_prompts
 from llm_lightning.prompts import get_template
+from llm_lightning.quantize import quantize_int8
 
 
 def sampling_options(cfg: DictConfig) -> dict:
@@ -39,6 +40,12 @@ def generate(cfg: DictConfig) -> list[str]:
         print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template_name}]", file=sys.stderr)
     elif cfg.compare:
         raise UserFacingError("compare=true needs ckpt_path=... (an adapter to compare with the base model)")
+    if cfg.quantize == "int8":
+        if cfg.compare:
+            raise UserFacingError("quantize=int8 merges the adapter into int8 weights; it cannot compare=true")
+        quantize_int8(model)
+    elif cfg.quantize is not None:
+        raise UserFacingError(f"quantize={cfg.quantize}: expected int8 or null")
     template = get_template(template_name)
     pairs = read_prompts(cfg.prompts_file) if cfg.prompts_file else [(cfg.prompt, "")]
     prompts = [template.format(instruction, input) for instruction, input in pairs]

@@ -2,6 +2,7 @@
 
     python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
+    python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
 
 Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
 warm-up; the median of ``--repeats`` runs is reported. On CUDA the fraction of the memory-bandwidth
@@ -21,6 +22,7 @@ from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
 from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.checkpoints.hf_export import transformers_twin
 from llm_lightning.prompts import get_template
+from llm_lightning.quantize import quantize_int8
 
 HBM_BYTES_PER_SECOND = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -70,13 +72,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--their-dtype", default=None,
                         help="run transformers in another dtype (default: --dtype), e.g. ours bf16 vs its fp32")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="our side only: weight-only int8 (quantize.py), as generate.py quantize=int8")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="generate_throughput.json")
     args = parser.parse_args()
 
     model, tokenizer = build(args)
-    twin = transformers_twin(model)
+    twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
+    if args.quantize == "int8":
+        quantize_int8(model)
     if args.their_dtype:
         twin = twin.to(getattr(torch, args.their_dtype))
     prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
@@ -89,7 +95,7 @@ def main() -> None:
         theirs.append(time_theirs(twin, prompt_ids, args.new_tokens, args.device))
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
-        "their_dtype": args.their_dtype or args.dtype, "threads": torch.get_num_threads(),
+        "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize, "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
     }
@@ -97,7 +103,7 @@ def main() -> None:
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         bandwidth = next((b for key, b in HBM_BYTES_PER_SECOND.items() if key in name), None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         if bandwidth:
             bound = bandwidth / weight_bytes
             result.update(gpu=name, bandwidth_bound_tokens_per_sec=bound,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.linear_cross_entropy import linear_cross_entropy
-from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
 
 
@@ -34,9 +34,9 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> tu
     """(summed NLL, supervised positions) of ``model`` on a batch, without materialising its logits.
 
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
-    positions and works a chunk at a time. A LoRA-adapted head has no fused path and goes through
-    the full logits."""
-    if isinstance(model.output, LoRALinear):
+    positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
+    path and goes through the full logits."""
+    if model.output is not None and type(model.output) is not nn.Linear:
         return token_nll(model(input_ids), labels)
     targets = next_token_targets(labels).flatten()
     hidden = model.hidden_states(input_ids).flatten(0, 1)

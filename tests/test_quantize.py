@@ -1,0 +1,86 @@
+"""Weight-only int8 for sampling: the kernel computes what it should, and the embedded model keeps its answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
+from llm_lightning.lora import LoRAConfig, LoRALinear, apply_lora
+from llm_lightning.prompts import get_template
+from llm_lightning.quantize import Int8Linear, quantize_int8
+from tests.test_generate_cli import run_generate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_is_the_product_with_its_dequantized_weight(dtype):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator)
+    layer = Int8Linear(weight.to(dtype))
+    # rounding to the nearest of 255 levels per row: at most half a step off (a bf16 scale adds
+    # its own rounding, up to 127 * 2^-9 of a step)
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    bound = step * (0.501 if dtype == torch.float32 else 0.5 + 127 * 2**-9 + 0.01)
+    assert ((layer.dequantized() - weight.to(dtype).float()).abs() <= bound).all()
+    x = torch.randn(2, 5, 64, generator=generator).to(dtype)
+    expected = F.linear(x.float(), layer.dequantized())
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
+    assert layer(x).shape == (2, 5, 96) and layer(x).dtype == dtype
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_replaces_every_linear_and_merges_the_adapter(tied):
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=tied)).eval()
+    apply_lora(model, LoRAConfig(r=4, targets=("all",)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(0, 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(ids)
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules()) + (1 if tied else 0)
+    quantize_int8(model)
+    assert not any(isinstance(m, (nn.Linear, LoRALinear)) for m in model.modules())
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
+    with torch.no_grad():
+        logits = model(ids)
+    relative = (logits - expected).norm() / expected.norm()
+    assert relative < 0.02, relative
+
+
+@pytest.fixture(scope="module")
+def embedded_fp32_and_int8():
+    reference, tokenizer = load_pretrained(None)
+    quantized = quantize_int8(load_pretrained(None, dtype=torch.bfloat16)[0])
+    return reference, quantized, tokenizer
+
+
+def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
+    """Against fp32 on a real answer: measured KL 0.005 and 97% top-1 agreement (bf16 alone: 96%)."""
+    reference, quantized, tokenizer = embedded_fp32_and_int8
+    prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
+    answer = generate(reference, tokenizer, prompt, max_new_tokens=64)
+    ids = torch.tensor([tokenizer.encode(prompt + answer)])
+    with torch.no_grad():
+        expected = torch.log_softmax(reference(ids).float(), -1)
+        got = torch.log_softmax(quantized(ids).float(), -1)
+    kl = (expected.exp() * (expected - got)).sum(-1).mean()
+    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    assert kl < 0.02 and agreement > 0.93, (kl, agreement)
+    assert "Paris" in generate(quantized, tokenizer, get_template("chat").format("What is the capital of France?"),
+                               max_new_tokens=16)
+
+
+def test_generate_cli_int8_and_its_refusals():
+    result = run_generate("prompt=What is the capital of France?", "max_new_tokens=16", "quantize=int8",
+                          "dtype=bfloat16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in result.stdout
+    wrong = run_generate("quantize=int4")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "error: quantize=int4: expected int8 or null" in wrong.stderr
