@@ -47,7 +47,7 @@ def base_model(args) -> LLaMA:
 
 def ours(model: LLaMA, lora: LoRAConfig):
     """Our model and our training loss (``model_nll``, normalised as the LightningModule does)."""
-    apply_lora(model, lora)
+    apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters, as training and PEFT keep them
     model.train()
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
