@@ -5,7 +5,8 @@ products, bound by memory. ``quantize_int8`` replaces every linear layer (and th
 also when it is tied to the embeddings) by ``Int8Linear``: one int8 row per output and one scale
 per row (symmetric, absmax / 127), multiplied by PyTorch's own int8 weight kernel on CPU. On a
 2-core AVX-512 CPU that kernel with bf16 activations runs 4-7x faster than the fp32 product of
-the same shape (measured on SmolLM2's shapes). The embedding lookup stays in the model's dtype.
+the same shape (measured on SmolLM2's shapes); the rest of the model keeps its dtype, and so
+does the embedding lookup.
 
 For sampling only: run it after an adapter is loaded (LoRA layers are merged first); the
 result cannot train, export or switch its adapter off. torchao offers the same quantisation
@@ -35,12 +36,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        scale = self.scale.to(x.dtype)
         if x.device.type == "cpu":
-            out = torch._weight_int8pack_mm(flat, self.weight_int8, scale)
-        else:  # correct everywhere, fast only where the int8 kernel exists
-            out = F.linear(flat, self.weight_int8.to(x.dtype)) * scale
-        return out.view(*x.shape[:-1], self.out_features)
+            # The CPU kernel is fast with bf16 activations only (with fp32 ones it is slower than
+            # the fp32 product), so fp32 inputs are rounded to bf16 for the product, as autocast would.
+            compute = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+            out = torch._weight_int8pack_mm(flat.to(compute), self.weight_int8, self.scale.to(compute))
+        else:  # correct everywhere, fast only where an int8 kernel exists
+            out = F.linear(flat, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scale.float()[:, None]

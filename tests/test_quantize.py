@@ -25,10 +25,11 @@ def test_int8_linear_is_the_product_with_its_dequantized_weight(dtype):
     bound = step * (0.501 if dtype == torch.float32 else 0.5 + 127 * 2**-9 + 0.01)
     assert ((layer.dequantized() - weight.to(dtype).float()).abs() <= bound).all()
     x = torch.randn(2, 5, 64, generator=generator).to(dtype)
-    expected = F.linear(x.float(), layer.dequantized())
-    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(layer(x).float(), expected, rtol=tolerance, atol=tolerance * expected.abs().max())
-    assert layer(x).shape == (2, 5, 96) and layer(x).dtype == dtype
+    # on CPU the product takes bf16 activations (fp32 ones are rounded) and accumulates in fp32
+    expected = F.linear(x.bfloat16().float(), layer.dequantized())
+    got = layer(x)
+    assert got.shape == (2, 5, 96) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2 * expected.abs().max())
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -77,8 +78,7 @@ def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
 
 
 def test_generate_cli_int8_and_its_refusals():
-    result = run_generate("prompt=What is the capital of France?", "max_new_tokens=16", "quantize=int8",
-                          "dtype=bfloat16")
+    result = run_generate("prompt=What is the capital of France?", "max_new_tokens=16", "quantize=int8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout
     wrong = run_generate("quantize=int4")
