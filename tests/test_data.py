@@ -145,6 +145,32 @@ def test_window_sampler_counts_tokens_per_accumulation_window():
     assert first == list(shuffled)
 
 
+def padded_tokens(batches, lengths) -> int:
+    return sum(len(batch) * max(lengths[i] for i, _ in batch) for batch in batches)
+
+
+def test_length_grouping_cuts_padding_and_keeps_every_example_once(tokenizer):
+    module = AlpacaDataModule(tokenizer=tokenizer, max_seq_length=512, val_size=0)
+    module.setup()
+    lengths = [len(e.input_ids) for e in module.train_examples]
+    supervised = [e.supervised_tokens for e in module.train_examples]
+    plain = list(WindowBatchSampler(supervised, batch_size=4, seed=0))
+    grouped_sampler = WindowBatchSampler(supervised, batch_size=4, accumulate=2, seed=0, lengths=lengths)
+    grouped = list(grouped_sampler)
+    assert sorted(i for batch in grouped for i, _ in batch) == list(range(len(lengths)))
+    assert len(grouped) == len(grouped_sampler) == len(plain)
+    # the bundled sample: padding falls from 21% of the real tokens to 1.5% (alpaca_en_demo: 72% to 1.8%)
+    real = sum(lengths)
+    assert padded_tokens(plain, lengths) > 1.15 * real
+    assert padded_tokens(grouped, lengths) < 1.03 * real
+    for first, second in zip(grouped[::2], grouped[1::2]):  # windows still carry their token count
+        window = sum(supervised[i] for i, _ in first + second)
+        assert {t for _, t in first + second} == {window}
+    assert grouped == list(WindowBatchSampler(supervised, batch_size=4, accumulate=2, seed=0, lengths=lengths))
+    grouped_sampler.set_epoch(1)
+    assert list(grouped_sampler) != grouped
+
+
 def test_audit_reports_counts_and_the_supervision_boundary(tokenizer):
     module = AlpacaDataModule(tokenizer=tokenizer, max_seq_length=64, val_size=10)
     module.setup()

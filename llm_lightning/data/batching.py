@@ -7,6 +7,11 @@ its window's token count before its backward pass: the batch sampler, which alre
 which examples form the window, attaches that count to every index it yields as
 ``(index, window_tokens)``. Shuffling depends only on (seed, epoch), and the sampler can skip
 the batches a resumed run has already consumed.
+
+Given the examples' lengths, batches are grouped by length, as Hugging Face's ``group_by_length``
+does: the shuffled order is cut into megabatches of 50 batches, each sorted by length and cut into
+batches, and the batches are shuffled again. A batch is padded to its longest example, so this
+removes most of the padding while the order stays random at the scale of a megabatch.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ class ExampleDataset(Dataset):
 class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
     """Seeded, epoch-dependent batches that carry their accumulation window's supervised token count."""
 
+    MEGABATCH = 50  # batches per length-sorted group
+
     def __init__(self, supervised_tokens: Sequence[int], *, batch_size: int, accumulate: int = 1,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 lengths: Sequence[int] | None = None) -> None:
         self.supervised_tokens = list(supervised_tokens)
+        self.lengths = list(lengths) if lengths is not None else None
         self.batch_size, self.accumulate = batch_size, max(1, accumulate)
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
@@ -63,9 +72,21 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         per_rank = total // self.world_size  # every rank takes the same number of steps
         return order[self.rank * per_rank:(self.rank + 1) * per_rank]
 
+    def _grouped_by_length(self, indices: list[int]) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch + 1)
+        span = self.batch_size * self.MEGABATCH
+        batches = []
+        for start in range(0, len(indices), span):
+            ordered = sorted(indices[start:start + span], key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size))
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
     def batches(self) -> list[list[tuple[int, int]]]:
         indices = self._indices()
-        plain = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        if self.shuffle and self.lengths is not None:
+            plain = self._grouped_by_length(indices)
+        else:
+            plain = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         result = []
         for start in range(0, len(plain), self.accumulate):
             window = plain[start:start + self.accumulate]

@@ -36,6 +36,7 @@ class AlpacaDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         sha256: str | None = None,
         pad_to_multiple_of: int = 1,
+        group_by_length: bool = True,
     ) -> None:
         super().__init__()
         self.source = str(path) if path else str(BUNDLED_SAMPLE)
@@ -47,6 +48,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "llm_lightning"
         self.sha256, self.pad_to_multiple_of = sha256, pad_to_multiple_of
+        self.group_by_length = group_by_length
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.val_records: list[Record] = []
@@ -125,6 +127,7 @@ class AlpacaDataModule(L.LightningDataModule):
             [e.supervised_tokens for e in self.train_examples], batch_size=self.batch_size,
             accumulate=trainer.accumulate_grad_batches if trainer else 1, shuffle=True, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            lengths=[len(e.input_ids) for e in self.train_examples] if self.group_by_length else None,
         )
         if self._resume:
             # Lightning builds (and starts iterating) this loader before it restores the loops of a
