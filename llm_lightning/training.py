@@ -143,6 +143,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     template = get_template(cfg.data.template)
     provenance = build_provenance(model, tokenizer, template)
     apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
+    if cfg.get("compile"):
+        # Block by block, in place: parameter names (and so checkpoints) stay unchanged, and the
+        # fused loss and activation checkpointing stay outside the compiled graphs.
+        for block in model.layers:
+            block.compile()
     model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
     trainable, total = count_parameters(model)
 

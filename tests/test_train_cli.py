@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,3 +161,18 @@ def test_bf16_true_keeps_the_base_in_bf16_and_the_adapter_in_fp32(tmp_path):
     moments = [s["exp_avg"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert moments and {m.dtype for m in moments} == {torch.float32}
     assert any(m.abs().sum() > 0 for m in moments)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_blocks_train_to_the_same_adapter(tmp_path):
+    adapters = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compile_{compiled}"
+        run_train(*TINY, f"compile={str(compiled).lower()}", "trainer.max_steps=3", "data.batch_size=2",
+                  "trainer.limit_val_batches=0", "lora.dropout=0.0", run_dir=run_dir, timeout=600)
+        state = torch.load(summary(run_dir)["last_checkpoint"], weights_only=True)["state_dict"]
+        adapters[compiled] = state
+    assert adapters[True].keys() == adapters[False].keys() and len(adapters[True]) > 0
+    for name, tensor in adapters[False].items():
+        torch.testing.assert_close(adapters[True][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
