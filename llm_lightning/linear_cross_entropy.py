@@ -37,42 +37,50 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         chunk_rows = max(1, budget // (4 * weight.shape[0]))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
-    loss = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = F.linear(hidden[start:start + chunk_rows], weight).float()
-        loss += F.cross_entropy(logits, targets[start:start + chunk_rows], reduction="sum")
+    loss, _, _ = _chunked_loss_and_gradients(hidden, weight, targets, chunk_rows,
+                                             want_hidden=False, want_weight=False)
     return loss
+
+
+def _chunked_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                chunk_rows: int, *, want_hidden: bool, want_weight: bool):
+    """(summed loss, d loss / d hidden or None, d loss / d weight or None), a chunk at a time."""
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if want_hidden else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+    # Two buffers reused by every chunk: fresh multi-megabyte allocations cost page faults on CPU.
+    rows = min(chunk_rows, hidden.shape[0])
+    logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
+    probs_buffer = torch.empty_like(logits_buffer)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        chunk, target = hidden[start:start + chunk_rows], targets[start:start + chunk_rows, None]
+        logits, probs = logits_buffer[:len(chunk)], probs_buffer[:len(chunk)]
+        if hidden.dtype == torch.float32:
+            torch.mm(chunk, weight.t(), out=logits)
+        else:  # the product in the model's dtype, as the plain head computes it, then fp32
+            logits.copy_(F.linear(chunk, weight))
+        log_probs = torch.log_softmax(logits, dim=-1, out=probs)
+        loss -= log_probs.gather(1, target).sum()
+        if not (want_hidden or want_weight):
+            continue
+        # d(sum CE)/d(logits) = softmax - one_hot(target), built in place of the log-probabilities
+        probs = log_probs.exp_()
+        probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+        grad_logits = probs if hidden.dtype == torch.float32 else probs.to(hidden.dtype)
+        if want_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])
+        if want_weight:
+            grad_weight.addmm_(grad_logits.t().float(), chunk.float())
+    return loss, grad_hidden, grad_weight
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_rows: int) -> torch.Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        # Two buffers reused by every chunk: fresh multi-megabyte allocations cost page faults on CPU.
-        rows = min(chunk_rows, hidden.shape[0])
-        logits_buffer = hidden.new_empty((rows, weight.shape[0]), dtype=torch.float32)
-        probs_buffer = torch.empty_like(logits_buffer)
-        for start in range(0, hidden.shape[0], chunk_rows):
-            chunk, target = hidden[start:start + chunk_rows], targets[start:start + chunk_rows, None]
-            logits, probs = logits_buffer[:len(chunk)], probs_buffer[:len(chunk)]
-            if hidden.dtype == torch.float32:
-                torch.mm(chunk, weight.t(), out=logits)
-            else:  # the product in the model's dtype, as the plain head computes it, then fp32
-                logits.copy_(F.linear(chunk, weight))
-            log_probs = torch.log_softmax(logits, dim=-1, out=probs)
-            loss -= log_probs.gather(1, target).sum()
-            # d(sum CE)/d(logits) = softmax - one_hot(target), built in place of the log-probabilities
-            probs = log_probs.exp_()
-            probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
-            grad_logits = probs if hidden.dtype == torch.float32 else probs.to(hidden.dtype)
-            if want_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_rows])
-            if want_weight:
-                grad_weight.addmm_(grad_logits.t().float(), chunk.float())
+        loss, grad_hidden, grad_weight = _chunked_loss_and_gradients(
+            hidden, weight, targets, chunk_rows,
+            want_hidden=ctx.needs_input_grad[0], want_weight=ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
