@@ -25,7 +25,7 @@ from llm_lightning.quantize import quantize_int8
 
 def sampling_options(cfg: DictConfig) -> dict:
     return dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop), seed=cfg.seed)
+                repetition_penalty=cfg.repetition_penalty, stop=list(cfg.stop), seed=cfg.seed, compile=cfg.compile)
 
 
 @exit_on_user_error

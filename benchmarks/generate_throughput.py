@@ -3,6 +3,7 @@
     python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
+    python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
 
 Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
 warm-up; the median of ``--repeats`` runs is reported. On CUDA the fraction of the memory-bandwidth
@@ -46,10 +47,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ours(model, tokenizer, prompt: str, new_tokens: int, device: str) -> float:
+def time_ours(model, tokenizer, prompt: str, new_tokens: int, device: str, compile: bool) -> float:
     synchronize(device)
     start = time.perf_counter()
-    generate(model, tokenizer, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    generate(model, tokenizer, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, compile=compile)
     synchronize(device)
     return new_tokens / (time.perf_counter() - start)
 
@@ -74,6 +75,8 @@ def main() -> None:
                         help="run transformers in another dtype (default: --dtype), e.g. ours bf16 vs its fp32")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="our side only: weight-only int8 (quantize.py), as generate.py quantize=int8")
+    parser.add_argument("--compile", action="store_true",
+                        help="our side only: compiled static-shape decoding, as generate.py compile=true")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default="generate_throughput.json")
@@ -87,15 +90,16 @@ def main() -> None:
         twin = twin.to(getattr(torch, args.their_dtype))
     prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
-    time_ours(model, tokenizer, prompt, 16, args.device)  # warm-up both sides
+    time_ours(model, tokenizer, prompt, 16, args.device, args.compile)  # warm-up both sides (and compile)
     time_theirs(twin, prompt_ids, 16, args.device)
     ours, theirs = [], []
     for _ in range(args.repeats):
-        ours.append(time_ours(model, tokenizer, prompt, args.new_tokens, args.device))
+        ours.append(time_ours(model, tokenizer, prompt, args.new_tokens, args.device, args.compile))
         theirs.append(time_theirs(twin, prompt_ids, args.new_tokens, args.device))
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
-        "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize, "threads": torch.get_num_threads(),
+        "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
+        "our_compile": args.compile, "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
     }

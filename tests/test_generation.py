@@ -1,7 +1,9 @@
 """Generation: cache vs no cache, greedy equivalences, top-p on a known distribution, beams,
-batching with left padding, stop strings, seeds and streaming."""
+batching with left padding, compiled static-shape decoding, stop strings, seeds and streaming."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -85,6 +87,16 @@ def test_batched_left_padded_equals_one_by_one(smollm2):
     assert len({len(tokenizer.encode(p)) for p in prompts}) == 3  # really padded
     batched = generate(model, tokenizer, prompts, max_new_tokens=24)
     assert batched == [generate(model, tokenizer, p, max_new_tokens=24) for p in prompts]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_static_decoding_equals_eager(smollm2):
+    """compile=True: a padded batch through the compiled static-shape step gives the eager text."""
+    model, tokenizer = smollm2
+    prompts = [chat(p) for p in PROMPTS[:2]]
+    eager = generate(model, tokenizer, prompts, max_new_tokens=24)
+    assert generate(model, tokenizer, prompts, max_new_tokens=24, compile=True) == eager
 
 
 def test_stop_strings_cut_exactly(smollm2):
