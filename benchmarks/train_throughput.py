@@ -10,6 +10,9 @@ sees them. Each step is forward, next-token cross-entropy (each side's own loss 
 (r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate after a warm-up; the
 median step is reported as tokens/s, with the ratio ours/theirs, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
+The same FLOPs are also set against a matrix product of the model's own shapes timed on this
+device (``fraction_of_gemm_bound``): a step can go no faster than its matrix products, so that
+fraction says how much either side leaves to gain, where no nominal peak is known (CPUs).
 """
 
 from __future__ import annotations
@@ -97,6 +100,23 @@ def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
+def gemm_flops_per_second(config: LLaMAConfig, tokens: int, dtype: torch.dtype, device: str) -> float:
+    """Median rate of [tokens, dim] x [dim, ffn_hidden] products: what this device attains on the
+    model's largest matrix shape."""
+    a = torch.randn(tokens, config.dim, dtype=dtype, device=device)
+    b = torch.randn(config.dim, config.ffn_hidden_dim, dtype=dtype, device=device)
+    times = []
+    for _ in range(12):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * tokens * config.dim * config.ffn_hidden_dim / statistics.median(times[2:])
+
+
 def matmul_parameters(model: LLaMA) -> int:
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     return linear + (model.tok_embeddings.weight.numel() if model.output is None else 0)
@@ -147,11 +167,15 @@ def main() -> None:
               "data": args.data or "random ids, all supervised", "threads": torch.get_num_threads(),
               "supervised_fraction": supervised / (args.steps * tokens)}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
+    gemm_rate = gemm_flops_per_second(config, tokens, getattr(torch, args.dtype), args.device)
+    result["gemm_flops_per_sec"] = gemm_rate
+    result["gemm_bound_tokens_per_sec"] = gemm_rate / flops_per_token
     for name in sides:
         step = statistics.median(times[name])
         result[name] = {"step_seconds": step, "tokens_per_sec": tokens / step,
                         "supervised_tokens_per_sec": tokens / step * result["supervised_fraction"],
-                        "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None}
+                        "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None,
+                        "fraction_of_gemm_bound": flops_per_token * tokens / step / gemm_rate}
         if args.device.startswith("cuda"):
             peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)
             if peak:
