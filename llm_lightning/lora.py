@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_lightning.linear import Linear, linear
+
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
 FFN_TARGETS = ("w1", "w2", "w3")
 ALL_TARGETS = (*ATTENTION_TARGETS, *FFN_TARGETS, "output")
@@ -52,7 +54,7 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(Linear):
     """y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T, with A [r, in] and B [out, r]."""
 
     def __init__(self, in_features: int, out_features: int, *, r: int, alpha: float, dropout: float,
@@ -89,7 +91,7 @@ class LoRALinear(nn.Linear):
         return (self.lora_b @ self.lora_a) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
             return out
         # Scaling the rank-r intermediate rather than the output touches r instead of out_features columns.

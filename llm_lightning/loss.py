@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_lightning.data.encoding import IGNORE_INDEX
+from llm_lightning.linear import Linear
 from llm_lightning.linear_cross_entropy import linear_cross_entropy
 from llm_lightning.model import LLaMA
 
@@ -36,7 +37,7 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> tu
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
     positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
     path and goes through the full logits."""
-    if model.output is not None and type(model.output) is not nn.Linear:
+    if model.output is not None and type(model.output) not in (nn.Linear, Linear):
         return token_nll(model(input_ids), labels)
     targets = next_token_targets(labels).flatten()
     hidden = model.hidden_states(input_ids).flatten(0, 1)

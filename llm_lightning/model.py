@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm_lightning.config import LLaMAConfig
+from llm_lightning.linear import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -111,10 +112,10 @@ class Attention(nn.Module):
     def __init__(self, config: LLaMAConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wv = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
@@ -139,9 +140,9 @@ class FeedForward(nn.Module):
     def __init__(self, config: LLaMAConfig) -> None:
         super().__init__()
         hidden = config.ffn_hidden_dim
-        self.w1 = nn.Linear(config.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, hidden, bias=False)
+        self.w1 = Linear(config.dim, hidden, bias=False)
+        self.w2 = Linear(hidden, config.dim, bias=False)
+        self.w3 = Linear(config.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -170,7 +171,7 @@ class LLaMA(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # Tied models have no separate output matrix, exactly as their checkpoints store them.
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = None if config.tie_embeddings else Linear(config.dim, config.vocab_size, bias=False)
         if self.tok_embeddings.weight.device.type != "meta":
             self.apply(self._init_weights)
 
@@ -246,5 +247,5 @@ class LLaMA(nn.Module):
         x = self.hidden_states(input_ids, start_pos=start_pos, positions=positions,
                                key_padding_mask=key_padding_mask)
         if self.output is None:
-            return F.linear(x, self.tok_embeddings.weight)
+            return linear(x, self.tok_embeddings.weight)
         return self.output(x)
