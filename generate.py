@@ -20,7 +20,7 @@ from llm_lightning.generation import stream
 from llm_lightning.lora import lora_disabled
 from llm_lightning.prompt_files import read_prompts
 from llm_lightning.prompts import get_template
-from llm_lightning.quantize import quantize_int8
+from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
 
 
 def sampling_options(cfg: DictConfig) -> dict:
@@ -46,6 +46,8 @@ def generate(cfg: DictConfig) -> list[str]:
         quantize_int8(model)
     elif cfg.quantize is not None:
         raise UserFacingError(f"quantize={cfg.quantize}: expected int8 or null")
+    elif cfg.pack_weights and not cfg.compare and not cfg.compile and can_pack_weights(model):
+        pack_weights(model)  # exact: the same products from a oneDNN weight layout
     template = get_template(template_name)
     pairs = read_prompts(cfg.prompts_file) if cfg.prompts_file else [(cfg.prompt, "")]
     prompts = [template.format(instruction, input) for instruction, input in pairs]

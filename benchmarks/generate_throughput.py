@@ -2,6 +2,7 @@
 
     python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
+    python benchmarks/generate_throughput.py --dtype bfloat16 --pack                  # as generate.py on CPU
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
 
@@ -23,7 +24,7 @@ from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
 from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.checkpoints.hf_export import transformers_twin
 from llm_lightning.prompts import get_template
-from llm_lightning.quantize import quantize_int8
+from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
 
 HBM_BYTES_PER_SECOND = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -75,6 +76,8 @@ def main() -> None:
                         help="run transformers in another dtype (default: --dtype), e.g. ours bf16 vs its fp32")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="our side only: weight-only int8 (quantize.py), as generate.py quantize=int8")
+    parser.add_argument("--pack", action="store_true",
+                        help="our side only: oneDNN-packed weights on CPU, as generate.py does by default there")
     parser.add_argument("--compile", action="store_true",
                         help="our side only: compiled static-shape decoding, as generate.py compile=true")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -86,6 +89,8 @@ def main() -> None:
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
     if args.quantize == "int8":
         quantize_int8(model)
+    elif args.pack and can_pack_weights(model):
+        pack_weights(model)
     if args.their_dtype:
         twin = twin.to(getattr(torch, args.their_dtype))
     prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
@@ -99,7 +104,8 @@ def main() -> None:
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
         "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
-        "our_compile": args.compile, "threads": torch.get_num_threads(),
+        "our_compile": args.compile,
+        "our_packed_weights": args.pack and args.quantize is None and can_pack_weights(model), "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
     }

@@ -1,7 +1,7 @@
-"""Weight-only int8 for sampling: a quarter of fp32's bytes per decoded token.
+"""Sampling-only rewrites of the linear layers: weight-only int8, and oneDNN-packed weights.
 
 Batch-1 decoding reads every weight once per token, so its speed is the speed of matrix-vector
-products, bound by memory. ``quantize_int8`` replaces every linear layer (and the output head,
+products, bound by memory. Weight-only int8 reads a quarter of fp32's bytes: ``quantize_int8`` replaces every linear layer (and the output head,
 also when it is tied to the embeddings) by ``Int8Linear``: one int8 row per output and one scale
 per row (symmetric, absmax / 127), multiplied by PyTorch's own int8 weight kernel on CPU. On a
 2-core AVX-512 CPU that kernel with bf16 activations runs 4-7x faster than the fp32 product of
@@ -11,14 +11,20 @@ does the embedding lookup.
 For sampling only: run it after an adapter is loaded (LoRA layers are merged first); the
 result cannot train, export or switch its adapter off. torchao offers the same quantisation
 through tensor subclasses, which are slow in eager mode without ``torch.compile``.
+
+``pack_weights`` keeps the weights' values and dtype and only changes their memory layout
+(``linear.PackedLinear``), so it is exact; it pays mostly for bf16 on CPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_lightning.linear import ONEDNN_FP32, PackedLinear
 from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
 
@@ -53,16 +59,35 @@ class Int8Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_int8(model: LLaMA) -> LLaMA:
-    """Replace every linear layer and the output head by ``Int8Linear``, in place; returns the model."""
+def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module]) -> LLaMA:
+    """Replace every linear layer and the output head by ``make(weight)``, in place, for sampling only.
+
+    LoRA layers are merged first; a tied head gets its own copy and the lookup keeps the table."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if isinstance(child, LoRALinear):
                     child.merge()
                 if child.bias is not None:
-                    raise ValueError(f"{name}: Int8Linear has no bias; LLaMA linear layers have none")
-                setattr(module, name, Int8Linear(child.weight))
-    if model.output is None:  # tied: the head gets its own int8 copy, the lookup keeps the table
-        model.output = Int8Linear(model.tok_embeddings.weight)
+                    raise ValueError(f"{name}: sampling layers have no bias; LLaMA linear layers have none")
+                setattr(module, name, make(child.weight))
+    if model.output is None:
+        model.output = make(model.tok_embeddings.weight)
     return model
+
+
+def quantize_int8(model: LLaMA) -> LLaMA:
+    """Replace every linear layer and the output head by ``Int8Linear``, in place; returns the model."""
+    return replace_linear_layers(model, Int8Linear)
+
+
+def can_pack_weights(model: LLaMA) -> bool:
+    """oneDNN packing pays on x86 CPUs, for fp32 and bf16 models."""
+    weight = model.tok_embeddings.weight
+    return ONEDNN_FP32 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+
+def pack_weights(model: LLaMA) -> LLaMA:
+    """Replace every linear layer and the output head by ``PackedLinear``, in place; the same
+    products, about 1.5x faster bf16 decoding on CPU. Check ``can_pack_weights`` first."""
+    return replace_linear_layers(model, PackedLinear)

@@ -1,4 +1,5 @@
-"""Weight-only int8 for sampling: the kernel computes what it should, and the embedded model keeps its answers."""
+"""Sampling-only weights: int8 computes what it should and the embedded model keeps its answers;
+oneDNN-packed weights give the plain model's logits and text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from torch import nn
 from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
 from llm_lightning.lora import LoRAConfig, LoRALinear, apply_lora
 from llm_lightning.prompts import get_template
-from llm_lightning.quantize import Int8Linear, quantize_int8
+from llm_lightning.linear import PackedLinear
+from llm_lightning.quantize import Int8Linear, can_pack_weights, pack_weights, quantize_int8
 from tests.test_generate_cli import run_generate
 
 
@@ -84,3 +86,39 @@ def test_generate_cli_int8_and_its_refusals():
     wrong = run_generate("quantize=int4")
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
     assert "error: quantize=int4: expected int8 or null" in wrong.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_weights_give_the_plain_logits(dtype, tied):
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=tied)).to(dtype).eval()
+    if not can_pack_weights(model):
+        pytest.skip("oneDNN packing needs an x86 CPU build of PyTorch")
+    apply_lora(model, LoRAConfig(r=4, targets=("wq", "w2")))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(0, 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(ids).float()
+    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules()) + (1 if tied else 0)
+    pack_weights(model)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linear
+    with torch.no_grad():
+        logits = model(ids).float()
+    # fp32: summation order only; bf16: the merged adapter is rounded into the bf16 weights
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def test_embedded_model_with_packed_bf16_weights_writes_the_same_text():
+    model, tokenizer = load_pretrained(None, dtype=torch.bfloat16)
+    if not can_pack_weights(model):
+        pytest.skip("oneDNN packing needs an x86 CPU build of PyTorch")
+    prompts = [get_template("chat").format(p) for p in ("Write a short story about a lighthouse keeper.",
+                                                          "Name three colors.")]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=32)
+    assert generate(pack_weights(model), tokenizer, prompts, max_new_tokens=32) == expected
