@@ -1,11 +1,12 @@
 """Linear layers whose fp32 matrix products run through oneDNN on x86 CPUs.
 
-PyTorch multiplies fp32 matrices on CPU with MKL, and MKL takes its AVX2 code path on AMD
-processors: on this project's 2-core AMD EPYC (AVX-512) it reaches 185 GFLOP/s where oneDNN,
-which PyTorch also ships and already uses for bf16, reaches 380-430 GFLOP/s on the same shapes,
-in fp32 and with fp32 rounding errors. On Intel CPUs the two libraries are on par. ``linear``
-sends fp32 CPU products to oneDNN (through the operator Inductor itself uses for CPU linear
-layers), forward and backward, and everything else to ``F.linear``.
+PyTorch multiplies fp32 matrices on CPU with MKL. On this project's 2-core AMD EPYC (AVX-512)
+MKL reaches 185 GFLOP/s, about what 256-bit (AVX2) code can do, the path MKL is known to choose
+on non-Intel CPUs; oneDNN, which PyTorch also ships and already uses for bf16, reaches 380-430
+GFLOP/s on the same shapes, in fp32 and with fp32 rounding errors. On Intel CPUs the gap should
+be small (not measured here). ``linear`` sends fp32 CPU products to oneDNN (through the operator
+Inductor itself uses for CPU linear layers), forward and backward, and everything else to
+``F.linear``.
 
 ``Linear`` is an ``nn.Linear`` with that forward, so parameter names, initialisation and
 checkpoints are unchanged. Under ``torch.compile`` and CPU autocast it is plain ``F.linear``,
