@@ -87,9 +87,10 @@ def main() -> None:
 
     model, tokenizer = build(args)
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
+    packed = args.pack and args.quantize is None and can_pack_weights(model)
     if args.quantize == "int8":
         quantize_int8(model)
-    elif args.pack and can_pack_weights(model):
+    elif packed:
         pack_weights(model)
     if args.their_dtype:
         twin = twin.to(getattr(torch, args.their_dtype))
@@ -105,7 +106,7 @@ def main() -> None:
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
         "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
         "our_compile": args.compile,
-        "our_packed_weights": args.pack and args.quantize is None and can_pack_weights(model), "threads": torch.get_num_threads(),
+        "our_packed_weights": packed, "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
     }

@@ -34,11 +34,11 @@ def test_int8_linear_is_the_product_with_its_dequantized_weight(dtype):
     torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=1e-2 * expected.abs().max())
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_quantize_replaces_every_linear_and_merges_the_adapter(tied):
+def adapted_tiny_model(*, tied: bool, targets: tuple[str, ...], dtype: torch.dtype = torch.float32):
+    """(model with a non-zero LoRA update, ids, its logits on them, linear layers a rewrite must replace)."""
     torch.manual_seed(0)
-    model = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=tied)).eval()
-    apply_lora(model, LoRAConfig(r=4, targets=("all",)))
+    model = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=tied)).to(dtype).eval()
+    apply_lora(model, LoRAConfig(r=4, targets=targets))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_b" in name:
@@ -47,6 +47,12 @@ def test_quantize_replaces_every_linear_and_merges_the_adapter(tied):
     with torch.no_grad():
         expected = model(ids)
     n_linear = sum(isinstance(m, nn.Linear) for m in model.modules()) + (1 if tied else 0)
+    return model, ids, expected, n_linear
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_replaces_every_linear_and_merges_the_adapter(tied):
+    model, ids, expected, n_linear = adapted_tiny_model(tied=tied, targets=("all",))
     quantize_int8(model)
     assert not any(isinstance(m, (nn.Linear, LoRALinear)) for m in model.modules())
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
@@ -91,19 +97,10 @@ def test_generate_cli_int8_and_its_refusals():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_weights_give_the_plain_logits(dtype, tied):
-    torch.manual_seed(0)
-    model = LLaMA(LLaMAConfig.from_name("tiny", tie_embeddings=tied)).to(dtype).eval()
+    model, ids, expected, n_linear = adapted_tiny_model(tied=tied, targets=("wq", "w2"), dtype=dtype)
     if not can_pack_weights(model):
         pytest.skip("oneDNN packing needs an x86 CPU build of PyTorch")
-    apply_lora(model, LoRAConfig(r=4, targets=("wq", "w2")))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_b" in name:
-                parameter.normal_(0, 0.05)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    with torch.no_grad():
-        expected = model(ids).float()
-    n_linear = sum(isinstance(m, nn.Linear) for m in model.modules()) + (1 if tied else 0)
+    expected = expected.float()
     pack_weights(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linear
