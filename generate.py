@@ -11,7 +11,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from llm_lightning import load_pretrained
+from llm_lightning import cpu_kernels, load_pretrained
 from llm_lightning.adapter import find_last_checkpoint, load_adapter
 from llm_lightning.cli import exit_on_user_error
 from llm_lightning.errors import UserFacingError
@@ -48,6 +48,8 @@ def generate(cfg: DictConfig) -> list[str]:
         raise UserFacingError(f"quantize={cfg.quantize}: expected int8 or null")
     elif cfg.pack_weights and not cfg.compare and not cfg.compile and can_pack_weights(model):
         pack_weights(model)  # exact: the same products from a oneDNN weight layout
+    if model.tok_embeddings.weight.device.type == "cpu":
+        print(cpu_kernels.describe(), file=sys.stderr)
     template = get_template(template_name)
     pairs = read_prompts(cfg.prompts_file) if cfg.prompts_file else [(cfg.prompt, "")]
     prompts = [template.format(instruction, input) for instruction, input in pairs]

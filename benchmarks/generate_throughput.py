@@ -2,12 +2,13 @@
 
     python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
-    python benchmarks/generate_throughput.py --dtype bfloat16 --pack                  # as generate.py on CPU
+    python benchmarks/generate_throughput.py --pack                                  # as generate.py on CPU
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
 
 Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
-warm-up; the median of ``--repeats`` runs is reported. On CUDA the fraction of the memory-bandwidth
+warm-up (``ab_rounds``); the median of ``--repeats`` runs is reported per side, and the median
+per-round ratio with its min-max. On CUDA the fraction of the memory-bandwidth
 bound (weight bytes per token / HBM bandwidth) is printed too. Results go to a JSON file.
 """
 
@@ -20,6 +21,7 @@ import time
 
 import torch
 
+from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
 from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.checkpoints.hf_export import transformers_twin
@@ -53,7 +55,7 @@ def time_ours(model, tokenizer, prompt: str, new_tokens: int, device: str, compi
     start = time.perf_counter()
     generate(model, tokenizer, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, compile=compile)
     synchronize(device)
-    return new_tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def time_theirs(twin, prompt_ids: torch.Tensor, new_tokens: int, device: str) -> float:
@@ -64,7 +66,7 @@ def time_theirs(twin, prompt_ids: torch.Tensor, new_tokens: int, device: str) ->
                             pad_token_id=0)
     synchronize(device)
     assert out.shape[1] - prompt_ids.shape[1] == new_tokens
-    return new_tokens / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -77,15 +79,17 @@ def main() -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="our side only: weight-only int8 (quantize.py), as generate.py quantize=int8")
     parser.add_argument("--pack", action="store_true",
-                        help="our side only: oneDNN-packed weights on CPU, as generate.py does by default there")
+                        help="our side only: as generate.py on CPU, oneDNN-packed weights where cpu_kernels "
+                             "measured them faster here")
     parser.add_argument("--compile", action="store_true",
                         help="our side only: compiled static-shape decoding, as generate.py compile=true")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds, each side once per round (at least 5)")
     parser.add_argument("--output", default="generate_throughput.json")
     args = parser.parse_args()
 
     model, tokenizer = build(args)
+    report = machine(args.device)
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
     packed = args.pack and args.quantize is None and can_pack_weights(model)
     if args.quantize == "int8":
@@ -98,19 +102,19 @@ def main() -> None:
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
     time_ours(model, tokenizer, prompt, 16, args.device, args.compile)  # warm-up both sides (and compile)
     time_theirs(twin, prompt_ids, 16, args.device)
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        ours.append(time_ours(model, tokenizer, prompt, args.new_tokens, args.device, args.compile))
-        theirs.append(time_theirs(twin, prompt_ids, args.new_tokens, args.device))
+    times = alternate({
+        "ours": lambda _: time_ours(model, tokenizer, prompt, args.new_tokens, args.device, args.compile),
+        "transformers": lambda _: time_theirs(twin, prompt_ids, args.new_tokens, args.device),
+    }, args.repeats)
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
         "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
-        "our_compile": args.compile,
-        "our_packed_weights": packed, "threads": torch.get_num_threads(),
+        "our_compile": args.compile, "our_packed_weights": packed, "machine": report,
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
-        "ours_tokens_per_sec": statistics.median(ours), "transformers_tokens_per_sec": statistics.median(theirs),
+        "ours_tokens_per_sec": args.new_tokens / statistics.median(times["ours"]),
+        "transformers_tokens_per_sec": args.new_tokens / statistics.median(times["transformers"]),
+        "ratio": speed_ratio(times["ours"], times["transformers"]),
     }
-    result["ratio"] = result["ours_tokens_per_sec"] / result["transformers_tokens_per_sec"]
     if args.device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         bandwidth = next((b for key, b in HBM_BYTES_PER_SECOND.items() if key in name), None)
@@ -120,6 +124,8 @@ def main() -> None:
             result.update(gpu=name, bandwidth_bound_tokens_per_sec=bound,
                           fraction_of_bound=result["ours_tokens_per_sec"] / bound)
     print(json.dumps(result, indent=2))
+    print(f"ours {result['ours_tokens_per_sec']:.1f} tok/s, transformers {result['transformers_tokens_per_sec']:.1f} "
+          f"tok/s: {format_ratio(result['ratio'])}")
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)
 

@@ -26,7 +26,7 @@ def main() -> None:
 
     rss_before = peak_rss_mib()
     start = time.perf_counter()
-    from llm_lightning import load_pretrained
+    from llm_lightning import cpu_kernels, load_pretrained
 
     model, _ = load_pretrained(args.source)
     load_seconds = time.perf_counter() - start
@@ -34,6 +34,7 @@ def main() -> None:
     print(f"load: {load_seconds:.2f} s, peak RSS {peak_rss_mib():.0f} MiB "
           f"(before loading {rss_before:.0f} MiB; fp32 weights {weights_mib:.0f} MiB)")
 
+    print(cpu_kernels.describe())
     input_ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
     with torch.inference_mode():
         model(input_ids)  # warm-up

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ab_rounds import machine
 from train_throughput import base_model, ours, step_time, theirs
 from llm_lightning.lora import LoRAConfig
 
@@ -78,6 +79,7 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
+    report = machine(args.device)
     rows = []
     for seq_len in map(int, args.seq_lens.split(",")):
         for side in args.sides.split(","):
@@ -94,7 +96,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     with open(args.output, "w") as handle:
         json.dump({"device": args.device, "dtype": args.dtype, "tokens_per_batch": args.tokens,
-                   "model": args.preset or "smollm2-135m (embedded)", "rows": rows}, handle, indent=2)
+                   "model": args.preset or "smollm2-135m (embedded)", "machine": report, "rows": rows}, handle,
+                  indent=2)
 
 
 if __name__ == "__main__":

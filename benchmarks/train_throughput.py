@@ -7,8 +7,9 @@
 By default every position of a random batch is supervised; with ``--data`` the batches are real
 Alpaca records (Alpaca template, prompt tokens masked, right-padded to ``--seq-len``), as training
 sees them. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
-(r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate after a warm-up; the
-median step is reported as tokens/s, with the ratio ours/theirs, peak memory (CUDA max allocated
+(r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate step by step after a
+warm-up (``ab_rounds``); the median step is reported as tokens/s, with the median per-step ratio
+ours/theirs and its min-max, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
 The same FLOPs are also set against a matrix product of the model's own shapes timed on this
 device (``fraction_of_gemm_bound``): a step can go no faster than its matrix products, so that
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
 from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.checkpoints.hf_export import transformers_twin
@@ -132,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="wq,wv")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side, alternating (at least 5)")
     parser.add_argument("--data", default=None, help="an Alpaca JSON file: time real, prompt-masked batches")
     parser.add_argument("--output", default="train_throughput.json")
     args = parser.parse_args()
@@ -149,23 +151,28 @@ def main() -> None:
                   for name, (m, _) in sides.items()}
     data = batches(args, config.vocab_size)
     tokens = args.batch * args.seq_len
-    times: dict[str, list[float]] = {name: [] for name in sides}
     memory: dict[str, float] = {}
+    report = machine(args.device)
     for name, (model, forward) in sides.items():  # warm-up
         step_time(model, forward, optimizers[name], data[-1], args.device)
-    supervised = 0
-    for step in range(args.steps):
-        batch = data[step % len(data)]
-        supervised += int((batch[1][:, 1:] != IGNORE_INDEX).sum())
-        for name, (model, forward) in sides.items():
+
+    def timed(name: str):
+        model, forward = sides[name]
+
+        def step(index: int) -> float:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            times[name].append(step_time(model, forward, optimizers[name], batch, args.device))
+            seconds = step_time(model, forward, optimizers[name], data[index % len(data)], args.device)
             memory[name] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+            return seconds
+        return step
+
+    times = alternate({name: timed(name) for name in sides}, args.steps)
+    supervised = sum(int((data[i % len(data)][1][:, 1:] != IGNORE_INDEX).sum()) for i in range(args.steps))
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
-              "data": args.data or "random ids, all supervised", "threads": torch.get_num_threads(),
+              "data": args.data or "random ids, all supervised", "machine": report,
               "supervised_fraction": supervised / (args.steps * tokens)}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
     gemm_rate = gemm_flops_per_second(config, tokens, getattr(torch, args.dtype), args.device)
@@ -183,8 +190,10 @@ def main() -> None:
                 result[name]["mfu"] = flops_per_token * tokens / step / peak
     if not args.device.startswith("cuda"):
         result["process_max_rss_gib"] = max(memory.values())
-    result["ratio"] = result["ours"]["tokens_per_sec"] / result["transformers+peft"]["tokens_per_sec"]
+    result["ratio"] = speed_ratio(times["ours"], times["transformers+peft"])
     print(json.dumps(result, indent=2))
+    print(f"ours {result['ours']['tokens_per_sec']:.0f} tok/s, transformers+PEFT "
+          f"{result['transformers+peft']['tokens_per_sec']:.0f} tok/s: {format_ratio(result['ratio'])}")
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)
 

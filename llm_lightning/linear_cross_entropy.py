@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm_lightning.linear import matmul_transposed, uses_onednn
+from llm_lightning.cpu_kernels import uses_onednn
+from llm_lightning.linear import matmul_transposed
 
 #: fp32 logits held at once, in bytes: large enough that each chunk's matrix product runs at full
 #: speed (measured on CPU: 256 rows of a 49k vocabulary), small next to the full logits.

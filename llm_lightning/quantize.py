@@ -3,9 +3,9 @@
 Batch-1 decoding reads every weight once per token, so its speed is the speed of matrix-vector
 products, bound by memory. Weight-only int8 reads a quarter of fp32's bytes: ``quantize_int8`` replaces every linear layer (and the output head,
 also when it is tied to the embeddings) by ``Int8Linear``: one int8 row per output and one scale
-per row (symmetric, absmax / 127), multiplied by PyTorch's own int8 weight kernel on CPU. On a
-2-core AVX-512 CPU that kernel with bf16 activations runs 4-7x faster than the fp32 product of
-the same shape (measured on SmolLM2's shapes); the rest of the model keeps its dtype, and so
+per row (symmetric, absmax / 127), multiplied by PyTorch's own int8 weight kernel on CPU where
+``cpu_kernels`` found it working (bf16 activations: 4-7x the fp32 product's speed on a Zen 5 EPYC,
+1.5x on a Sapphire Rapids Xeon, on SmolLM2's shapes); the rest of the model keeps its dtype, and so
 does the embedding lookup.
 
 For sampling only: run it after an adapter is loaded (LoRA layers are merged first); the
@@ -13,7 +13,7 @@ result cannot train, export or switch its adapter off. torchao offers the same q
 through tensor subclasses, which are slow in eager mode without ``torch.compile``.
 
 ``pack_weights`` keeps the weights' values and dtype and only changes their memory layout
-(``linear.PackedLinear``), so it is exact; it pays mostly for bf16 on CPU.
+(``linear.PackedLinear``), so it is exact; whether it pays depends on the CPU (``cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_lightning.linear import ONEDNN_FP32, PackedLinear
+from llm_lightning import cpu_kernels
+from llm_lightning.linear import PackedLinear
 from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
 
@@ -42,11 +43,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
-            # The CPU kernel is fast with bf16 activations only (with fp32 ones it is slower than
-            # the fp32 product), so fp32 inputs are rounded to bf16 for the product, as autocast would.
+        if x.device.type == "cpu" and cpu_kernels.decision("int8_matmul"):
+            # The CPU kernel is fast with bf16 activations only (with fp32 ones it is 4-6x slower,
+            # measured on AVX-512 and AVX2), so fp32 inputs are rounded to bf16 for the product, as autocast would.
             compute = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
-            out = torch._weight_int8pack_mm(flat.to(compute), self.weight_int8, self.scale.to(compute))
+            out = cpu_kernels.int8_linear(flat.to(compute), self.weight_int8, self.scale.to(compute))
         else:  # correct everywhere, fast only where an int8 kernel exists
             out = F.linear(flat, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -82,12 +83,12 @@ def quantize_int8(model: LLaMA) -> LLaMA:
 
 
 def can_pack_weights(model: LLaMA) -> bool:
-    """oneDNN packing pays on x86 CPUs, for fp32 and bf16 models."""
+    """Whether oneDNN-packed weights work and pay for this CPU model's dtype (``cpu_kernels`` measures it)."""
     weight = model.tok_embeddings.weight
-    return ONEDNN_FP32 and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    return weight.device.type == "cpu" and cpu_kernels.packs(weight.dtype)
 
 
 def pack_weights(model: LLaMA) -> LLaMA:
     """Replace every linear layer and the output head by ``PackedLinear``, in place; the same
-    products, about 1.5x faster bf16 decoding on CPU. Check ``can_pack_weights`` first."""
+    products from another layout (1.5x faster bf16 decoding on a Zen 5). Check ``can_pack_weights`` first."""
     return replace_linear_layers(model, PackedLinear)

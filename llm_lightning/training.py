@@ -21,6 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from llm_lightning import cpu_kernels
 from llm_lightning.base_model import load_base_model
 from llm_lightning.callbacks import ResourceMonitor
 from llm_lightning.config import LLaMAConfig
@@ -134,6 +135,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("dry_run"):
         return dry_run(cfg)
     check_precision(cfg.trainer)
+    if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
+        print(cpu_kernels.describe())
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

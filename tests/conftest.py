@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# CI runs the kernel tests again with ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA lowered to AVX2.
+# Inductor's cache key leaves those out, and a decode graph compiled under AVX-512 and replayed
+# from the cache under the AVX2 limits crashed (segfault) here: each ISA setting gets its own cache.
+_isa = "-".join(os.environ.get(k, "native") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"llm_lightning_inductor_{_isa}"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_VOCAB = 384

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import lightning as L
+import pytest
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig
@@ -13,6 +14,8 @@ from llm_lightning.data import AlpacaDataModule
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import token_nll
 from llm_lightning.module import LoRAFineTuner
+
+pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
 
 
 class GradientCapture(L.Callback):

@@ -11,6 +11,8 @@ import torch
 from llm_lightning.generation import _beam_search, filter_logits, generate, stream
 from llm_lightning.prompts import get_template
 
+pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
+
 PROMPTS = ["What is the capital of France?", "Name three colors.", "Write the number 42 in words."]
 
 

@@ -9,6 +9,8 @@ from llm_lightning import load_pretrained
 from llm_lightning.checkpoints.hf_format import meta_to_hf_name, hf_to_meta_name, permute_from_hf, permute_to_hf
 from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
 
+pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
+
 CASES = {
     "mha-untied": dict(n_kv_heads=4, tied=False),
     "gqa-untied": dict(n_kv_heads=2, tied=False),

@@ -120,6 +120,7 @@ def test_tied_output_target_is_refused():
         apply_lora(tiny(tie_embeddings=True), LoRAConfig(targets=("output",)))
 
 
+@pytest.mark.kernels
 def test_logits_match_peft(tmp_path, tiny_tokenizer_dir):
     """Same base weights and same A/B in PEFT and here give the same logits (q rows permuted for HF)."""
     from peft import LoraConfig as PeftLoraConfig

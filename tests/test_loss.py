@@ -12,6 +12,8 @@ from llm_lightning.linear_cross_entropy import linear_cross_entropy
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import model_nll, token_nll
 
+pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
+
 
 def masked_batch(vocab_size: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """Three rows of 24 tokens with a masked prompt of varying length and right padding, as collate makes."""

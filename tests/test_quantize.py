@@ -8,12 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
+from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels, generate, load_pretrained
 from llm_lightning.lora import LoRAConfig, LoRALinear, apply_lora
 from llm_lightning.prompts import get_template
 from llm_lightning.linear import PackedLinear
-from llm_lightning.quantize import Int8Linear, can_pack_weights, pack_weights, quantize_int8
+from llm_lightning.quantize import Int8Linear, pack_weights, quantize_int8
 from tests.test_generate_cli import run_generate
+
+pytestmark = pytest.mark.kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,8 +100,8 @@ def test_generate_cli_int8_and_its_refusals():
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_weights_give_the_plain_logits(dtype, tied):
     model, ids, expected, n_linear = adapted_tiny_model(tied=tied, targets=("wq", "w2"), dtype=dtype)
-    if not can_pack_weights(model):
-        pytest.skip("oneDNN packing needs an x86 CPU build of PyTorch")
+    if not cpu_kernels.onednn_supported(dtype):
+        pytest.skip(f"oneDNN {dtype} packing is not on this CPU or build (cpu_kernels says so)")
     expected = expected.float()
     pack_weights(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
@@ -112,9 +114,9 @@ def test_packed_weights_give_the_plain_logits(dtype, tied):
 
 
 def test_embedded_model_with_packed_bf16_weights_writes_the_same_text():
+    if not cpu_kernels.onednn_supported(torch.bfloat16):
+        pytest.skip("oneDNN bf16 packing is not on this CPU or build (cpu_kernels says so)")
     model, tokenizer = load_pretrained(None, dtype=torch.bfloat16)
-    if not can_pack_weights(model):
-        pytest.skip("oneDNN packing needs an x86 CPU build of PyTorch")
     prompts = [get_template("chat").format(p) for p in ("Write a short story about a lighthouse keeper.",
                                                           "Name three colors.")]
     expected = generate(model, tokenizer, prompts, max_new_tokens=32)

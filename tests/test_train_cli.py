@@ -100,6 +100,7 @@ def _final_adapter(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
+@pytest.mark.kernels
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     overrides = [*TINY, "trainer.max_epochs=2", "lora.dropout=0.1", "name=resume",
                  "callbacks.last_checkpoint.every_n_train_steps=3"]

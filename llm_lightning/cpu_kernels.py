@@ -1,0 +1,280 @@
+"""Every fast CPU path of the project, each switched on only where it works and pays.
+
+PyTorch ships more CPU matrix-product kernels than its public ops choose between: oneDNN's fp32
+product (``torch.ops.mkldnn._linear_pointwise``), oneDNN's reordered ("packed") weights, and an
+int8 weight kernel (``torch._weight_int8pack_mm``). Which of them is faster than plain
+``F.linear`` (MKL for fp32) depends on the CPU, not on its vendor: measured with SmolLM2's shapes,
+oneDNN's fp32 product ran at 2x MKL's rate on a Zen 5 EPYC, at MKL's rate on a Sapphire Rapids
+Xeon and below it for one-row products; packed bf16 weights decoded 1.5x faster on the Zen 5 and
+1.6x slower on the Xeon (AMX); and packed bf16 weights do not exist at all below AVX-512 (oneDNN
+refuses them: "bf16 path needs avx_ne_convert or avx512bw").
+
+So each path here is a private op called in one place, and it is used only after
+- a trial call on a tiny case succeeded and matched the portable op within a stated tolerance, and,
+- where it competes with an exact portable op, a measurement on this machine found it at least
+  ``MIN_SPEEDUP`` faster, in its shape class: products of many rows (training, prompts) and of few
+  rows (decoding one token per sequence) are measured apart, as they favour different kernels.
+
+Decisions are made once per process, lazily; ``describe()`` is the one log line that says them.
+``LLM_LIGHTNING_FAST_KERNELS=0`` turns every path off: the project then runs portable PyTorch ops only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SWITCH = "LLM_LIGHTNING_FAST_KERNELS"
+
+#: A private kernel replaces an exact portable op only when it is at least this much faster: a tie
+#: goes to the portable op, and the margin keeps noisy 2-core timings from flipping the choice from
+#: one process to the next (oneDNN against MKL measured 0.97-1.20x on one AVX2 machine, 2x on a Zen 5).
+MIN_SPEEDUP = 1.25
+
+#: Products with at most this many rows are in the "vector" class (decoding), the rest in "matrix".
+VECTOR_ROWS = 16
+
+#: Relative error allowed in a trial, measured as ||ours - portable|| / ||portable||.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a path is on, and why: the trial's failure, or the measured speed against the portable op."""
+
+    on: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.on
+
+
+def enabled() -> bool:
+    """False when ``LLM_LIGHTNING_FAST_KERNELS=0``: portable PyTorch ops only."""
+    return os.environ.get(SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+# -- the private ops, each called here and nowhere else ------------------------------------------
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN; ``weight`` may be a transposed view or a ``pack`` result."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] reordered into oneDNN's blocked layout, for ``onednn_linear`` (batch hint 1)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ (weight_int8 [out, in] * scale [out, 1]).T by PyTorch's int8 weight kernel."""
+    return torch._weight_int8pack_mm(x, weight_int8, scale)
+
+
+# -- trials: the private op on a tiny case against the portable op --------------------------------
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.float() - expected.float()).norm() / expected.float().norm())
+
+
+def _trial(fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> Decision:
+    """Run ``fn`` (returning ours, portable); on only if it runs and agrees within ``TOLERANCE``."""
+    try:
+        got, expected = fn()
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError) as error:
+        return Decision(False, f"trial failed: {str(error).splitlines()[0][:120]}")
+    error = _relative_error(got, expected)
+    if got.shape != expected.shape or not error <= TOLERANCE[dtype]:
+        return Decision(False, f"trial differs from the portable op (relative error {error:.1e})")
+    return Decision(True, f"trial matches to {error:.0e}")
+
+
+def _tiny_case(dtype: torch.dtype, rows: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 64, generator=generator).to(dtype)
+    weight = torch.randn(48, 64, generator=generator).to(dtype)
+    return x, weight, torch.randn(48, generator=generator).to(dtype)
+
+
+def onednn_supported(dtype: torch.dtype) -> bool:
+    """What the build and CPU say of oneDNN products in ``dtype`` (no call made): x86, built with
+    oneDNN, and for bf16 the ISA oneDNN needs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT, as it checks)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def int8_supported() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+def trial_onednn_linear(dtype: torch.dtype = torch.float32) -> Decision:
+    x, weight, bias = _tiny_case(dtype)
+    return _trial(lambda: (onednn_linear(x, weight, bias), F.linear(x, weight, bias)), dtype)
+
+
+def trial_onednn_transposed() -> Decision:
+    """The backward passes multiply by transposed views, which oneDNN reads in place."""
+    x, weight, _ = _tiny_case(torch.float32, rows=9)
+    grad = torch.randn(9, 48)
+    return _trial(lambda: (onednn_linear(grad, weight.t()), grad @ weight), torch.float32)
+
+
+def trial_pack(dtype: torch.dtype) -> Decision:
+    x, weight, _ = _tiny_case(dtype, rows=1)
+    return _trial(lambda: (onednn_linear(x, pack(weight)), F.linear(x, weight)), dtype)
+
+
+def trial_int8_linear() -> Decision:
+    x, weight, _ = _tiny_case(torch.bfloat16, rows=3)
+    weight_int8 = torch.randint(-127, 128, (48, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    scale = torch.rand(48, generator=torch.Generator().manual_seed(2)).add(0.5).to(torch.bfloat16) / 127
+    return _trial(lambda: (int8_linear(x, weight_int8, scale),
+                           F.linear(x.float(), weight_int8.float() * scale.float()[:, None])), torch.bfloat16)
+
+
+# -- measurements: the private op against the portable one, in a shape class ----------------------
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _measured(candidate: Callable[[], object], portable: Callable[[], object], rounds: int = 5) -> Decision:
+    """On if ``candidate`` is ``MIN_SPEEDUP`` faster than ``portable``: medians of alternating calls after a warm-up."""
+    candidate(), portable()
+    times = [(_seconds(candidate), _seconds(portable)) for _ in range(rounds)]
+    speedup = statistics.median(t[1] for t in times) / statistics.median(t[0] for t in times)
+    return Decision(speedup >= MIN_SPEEDUP, f"{speedup:.2f}x the portable op")
+
+
+def _matrix_case(dtype: torch.dtype):
+    """512 rows through a 1024 x 1024 weight: a training or prompt product."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(512, 1024, generator=generator).to(dtype), torch.randn(1024, 1024, generator=generator).to(dtype)
+
+
+def _vector_case(dtype: torch.dtype):
+    """One row through eight 2048 x 1024 weights in turn: decoding, whose weights stream from memory."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(2048, 1024, generator=generator).to(dtype) for _ in range(8)]
+    return torch.randn(1, 1024, generator=generator).to(dtype), weights
+
+
+@functools.cache
+def decision(path: str) -> Decision:
+    """The process-wide decision for one path (see ``PATHS``)."""
+    if path not in PATHS:
+        raise KeyError(f"unknown CPU kernel path {path!r}; expected one of {', '.join(PATHS)}")
+    if not enabled():
+        return Decision(False, f"{SWITCH}=0")
+    if path in ("onednn_fp32_matrix", "onednn_fp32_vector"):
+        if not onednn_supported(torch.float32):
+            return Decision(False, "no oneDNN for this CPU or build")
+        trial = trial_onednn_linear()
+        trial = trial_onednn_transposed() if trial else trial
+        if not trial:
+            return trial
+        if path == "onednn_fp32_matrix":
+            x, weight = _matrix_case(torch.float32)
+            return _measured(lambda: onednn_linear(x, weight), lambda: F.linear(x, weight))
+        x, weights = _vector_case(torch.float32)
+        return _measured(lambda: [onednn_linear(x, w) for w in weights], lambda: [F.linear(x, w) for w in weights])
+    if path in ("packed_fp32", "packed_bf16"):
+        dtype = torch.float32 if path == "packed_fp32" else torch.bfloat16
+        if not onednn_supported(dtype):
+            return Decision(False, f"oneDNN has no {str(dtype).removeprefix('torch.')} products on this CPU or build")
+        trial = trial_pack(dtype)
+        if not trial:
+            return trial
+        x, weights = _vector_case(dtype)
+        packed, plain = [pack(w) for w in weights], linear_function(x, weights[0])
+        return _measured(lambda: [onednn_linear(x, p) for p in packed], lambda: [plain(x, w) for w in weights])
+    if not int8_supported():  # int8_matmul
+        return Decision(False, "this PyTorch has no int8 weight kernel")
+    return trial_int8_linear()
+
+
+#: Every path, with what it does when on.
+PATHS = {
+    "onednn_fp32_matrix": "fp32 products of many rows (training, prompts) through oneDNN instead of MKL",
+    "onednn_fp32_vector": "fp32 products of a few rows (decoding) through oneDNN instead of MKL",
+    "packed_fp32": "sampling with fp32 weights reordered by oneDNN (generate.py pack_weights)",
+    "packed_bf16": "sampling with bf16 weights reordered by oneDNN (generate.py pack_weights)",
+    "int8_matmul": "quantize=int8 products by PyTorch's int8 weight kernel (else dequantised per call)",
+}
+
+
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` should go to ``onednn_linear``: plain fp32 CPU tensors, outside
+    compile and autocast, in a shape class where oneDNN measured faster than MKL."""
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
+        return False
+    rows = x.numel() // max(1, x.shape[-1])
+    return bool(decision("onednn_fp32_vector" if rows <= VECTOR_ROWS else "onednn_fp32_matrix"))
+
+
+def linear_function(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``onednn_linear`` or ``F.linear``: whichever ``uses_onednn`` picks for such operands."""
+    return onednn_linear if uses_onednn(x, weight) else F.linear
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether sampling weights of ``dtype`` on CPU should be oneDNN-packed."""
+    path = {torch.float32: "packed_fp32", torch.bfloat16: "packed_bf16"}.get(dtype)
+    return path is not None and bool(decision(path))
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU and the settings that pick kernels: for logs and every benchmark's JSON."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "cpu family", "model", "flags") and key.strip() not in info:
+                    info[key.strip()] = value.strip()
+                if len(info) == 4:
+                    break
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vp2intersect", "amx_bf16",
+                       "avx_ne_convert") if f in flags]
+    return {
+        "cpu": info.get("model name", platform.processor() or platform.machine()),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "isa_flags": isa,
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "environment": {k: os.environ[k] for k in (SWITCH, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                   "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS") if k in os.environ},
+    }
+
+
+def report() -> dict[str, object]:
+    """``cpu_description`` plus every path's decision, for a benchmark's JSON."""
+    return {**cpu_description(), "kernel_paths": {p: {"on": d.on, "reason": d.reason}
+                                                   for p, d in ((p, decision(p)) for p in PATHS)}}
+
+
+def describe() -> str:
+    """One log line: the CPU, and which fast paths are on (making every decision now)."""
+    cpu = cpu_description()
+    paths = ", ".join(f"{p} {'on' if decision(p) else 'off'} ({decision(p).reason})" for p in PATHS)
+    return (f"[cpu kernels: {cpu['cpu']} ({cpu['torch_cpu_capability']}, {cpu['threads']} threads); "
+            f"{paths}]")

@@ -1,0 +1,92 @@
+"""cpu_kernels: every private op, called through the module on a tiny case, matches the portable op
+wherever the build and CPU say it exists (a torch upgrade that changes a signature fails here, not
+for users); the switch turns every path off; decisions are logged and reported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm_lightning import cpu_kernels
+
+pytestmark = pytest.mark.kernels
+
+
+def needs(supported: bool, what: str):
+    return pytest.mark.skipif(not supported, reason=f"{what} is not on this CPU or build (cpu_kernels says so)")
+
+
+@needs(cpu_kernels.onednn_supported(torch.float32), "oneDNN fp32")
+def test_onednn_linear_matches_f_linear():
+    assert cpu_kernels.trial_onednn_linear(), cpu_kernels.trial_onednn_linear().reason
+    assert cpu_kernels.trial_onednn_transposed(), cpu_kernels.trial_onednn_transposed().reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_match_f_linear(dtype):
+    if not cpu_kernels.onednn_supported(dtype):
+        pytest.skip(f"oneDNN {dtype} is not on this CPU or build (cpu_kernels says so)")
+    decision = cpu_kernels.trial_pack(dtype)
+    assert decision, decision.reason
+
+
+@needs(cpu_kernels.int8_supported(), "the int8 weight kernel")
+def test_int8_kernel_matches_the_dequantized_product():
+    decision = cpu_kernels.trial_int8_linear()
+    assert decision, decision.reason
+
+
+def test_trial_refuses_a_failing_or_wrong_kernel():
+    def fails():
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert\nmore")
+
+    refused = cpu_kernels._trial(fails, torch.bfloat16)
+    assert not refused and refused.reason == ("trial failed: mkldnn_reorder_linear_weight: bf16 path needs "
+                                             "the cpu support avx_ne_convert")
+    wrong = cpu_kernels._trial(lambda: (torch.ones(4) * 1.001, torch.ones(4)), torch.float32)
+    assert not wrong and "relative error 1.0e-03" in wrong.reason
+
+
+def test_a_kernel_is_chosen_only_when_measured_faster():
+    slow = cpu_kernels._measured(lambda: sum(range(20000)), lambda: None)
+    assert not slow and slow.reason.endswith("x the portable op")
+    fast = cpu_kernels._measured(lambda: None, lambda: sum(range(20000)))
+    assert fast
+
+
+def run_python(code: str, **env: str) -> str:
+    import os
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_switch_off_turns_every_path_off_and_says_so():
+    out = run_python("from llm_lightning import cpu_kernels as k; print(k.describe())",
+                     LLM_LIGHTNING_FAST_KERNELS="0")
+    assert out.count("off (LLM_LIGHTNING_FAST_KERNELS=0)") == len(cpu_kernels.PATHS), out
+    assert out.startswith("[cpu kernels: ") and out.count("\n") == 1
+
+
+def test_report_names_the_cpu_and_every_path():
+    report = cpu_kernels.report()
+    assert set(report["kernel_paths"]) == set(cpu_kernels.PATHS)
+    assert report["threads"] == torch.get_num_threads() and report["torch_cpu_capability"]
+    for decision in report["kernel_paths"].values():
+        assert isinstance(decision["on"], bool) and decision["reason"]
+    with pytest.raises(KeyError, match="unknown CPU kernel path 'nope'"):
+        cpu_kernels.decision("nope")
+
+
+def test_onednn_is_used_only_by_its_decision():
+    weight = torch.randn(48, 64)
+    assert cpu_kernels.uses_onednn(torch.randn(3, 64), weight) == bool(cpu_kernels.decision("onednn_fp32_vector"))
+    assert cpu_kernels.uses_onednn(torch.randn(64, 64), weight) == bool(cpu_kernels.decision("onednn_fp32_matrix"))
+    assert not cpu_kernels.uses_onednn(torch.randn(64, 64, dtype=torch.float64), weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_kernels.uses_onednn(torch.randn(64, 64), weight)
