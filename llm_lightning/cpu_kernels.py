@@ -130,6 +130,13 @@ def trial_onednn_transposed() -> Decision:
     return _trial(lambda: (onednn_linear(grad, weight.t()), grad @ weight), torch.float32)
 
 
+@functools.cache
+def _onednn_fp32_trials() -> Decision:
+    """Both fp32 trials, run once for the two shape classes that share them."""
+    trial = trial_onednn_linear()
+    return trial_onednn_transposed() if trial else trial
+
+
 def trial_pack(dtype: torch.dtype) -> Decision:
     x, weight, _ = _tiny_case(dtype, rows=1)
     return _trial(lambda: (onednn_linear(x, pack(weight)), F.linear(x, weight)), dtype)
@@ -183,8 +190,7 @@ def decision(path: str) -> Decision:
     if path in ("onednn_fp32_matrix", "onednn_fp32_vector"):
         if not onednn_supported(torch.float32):
             return Decision(False, "no oneDNN for this CPU or build")
-        trial = trial_onednn_linear()
-        trial = trial_onednn_transposed() if trial else trial
+        trial = _onednn_fp32_trials()
         if not trial:
             return trial
         if path == "onednn_fp32_matrix":
