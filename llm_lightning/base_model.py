@@ -23,34 +23,31 @@ from llm_lightning.tokenizer import Tokenizer, load_tokenizer
 EMBEDDED_PRESET = "smollm2-135m"
 
 
-def weights_dtype(precision: str) -> torch.dtype:
-    """bf16-true / 16-true keep weights in half precision; every other setting keeps fp32 masters."""
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(str(precision), torch.float32)
-
-
 @functools.lru_cache(maxsize=1)
 def embedded_tokenizer() -> Tokenizer:
     """SmolLM2's tokenizer, read once per process (parsing the GGUF vocabulary takes seconds)."""
     return read_gguf_tokenizer(default_model_path())
 
 
-def load_base_model(model_cfg: Any, *, precision: str = "32-true") -> tuple[LLaMA, Tokenizer]:
-    dtype = weights_dtype(precision)
-    if model_cfg.get("random_init"):
-        overrides = dict(model_cfg.get("overrides") or {})
-        model = LLaMA(LLaMAConfig.from_name(model_cfg.preset, **overrides)).to(dtype)
-        tokenizer_path = model_cfg.get("tokenizer")
+def load_base_model(model_cfg: Any, *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> tuple[LLaMA, Tokenizer]:
+    """The ``model`` group's model (a DictConfig or ``settings.ModelSettings``) and its tokenizer."""
+    if model_cfg.random_init:
+        overrides = dict(model_cfg.overrides or {})
+        with torch.device(device):
+            model = LLaMA(LLaMAConfig.from_name(model_cfg.preset, **overrides)).to(dtype)
+        tokenizer_path = model_cfg.tokenizer
         tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else embedded_tokenizer()
         if tokenizer.vocab_size > model.config.vocab_size:
             raise TokenizerError(f"tokenizer has {tokenizer.vocab_size} tokens but model preset "
                                  f"{model_cfg.preset} embeds only {model.config.vocab_size}")
     else:
-        source = model_cfg.get("source")
+        source = model_cfg.source
         if source is None and model_cfg.preset != EMBEDDED_PRESET:
             raise UserFacingError(
                 f"model.source is required for preset {model_cfg.preset}: point it at a Meta dir, "
                 "a Hugging Face dir or a .gguf file (or use dry_run=true to size the run without weights)"
             )
-        model, tokenizer = load_pretrained(source, dtype=dtype, tokenizer=model_cfg.get("tokenizer"))
-    model.activation_checkpointing = bool(model_cfg.get("activation_checkpointing", False))
+        model, tokenizer = load_pretrained(source, dtype=dtype, device=device, tokenizer=model_cfg.tokenizer)
+    model.activation_checkpointing = bool(model_cfg.activation_checkpointing)
     return model, tokenizer

@@ -18,6 +18,7 @@ import torch
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.linear_cross_entropy import CHUNK_BYTES
 from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
+from llm_lightning.precision import Precision
 from llm_lightning.model import LLaMA
 
 GIB = 2**30
@@ -36,16 +37,15 @@ def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act
     return tokens * (blocks + d) * act_bytes + head_and_loss
 
 
-def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: str, batch_size: int, seq_len: int,
+def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: Precision, batch_size: int, seq_len: int,
              checkpointing: bool) -> dict[str, Any]:
     with torch.device("meta"):
         model = LLaMA(config)
     apply_lora(model, lora)
     trainable, total = count_parameters(model)
     base = total - trainable
-    half = precision in ("bf16-true", "16-true")
-    weight_bytes = 2 if half else 4
-    act_bytes = 4 if precision == "32-true" else 2
+    weight_bytes = 2 if precision.half_weights else 4
+    act_bytes = precision.activation_bytes
     memory = {
         "weights": base * weight_bytes + trainable * 4,
         "gradients": trainable * 4,
@@ -56,7 +56,7 @@ def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: str, batch_siz
     return {"base": base, "trainable": trainable, "total": total, "memory": memory}
 
 
-def format_report(name: str, lora: LoRAConfig, result: dict[str, Any], *, precision: str, batch_size: int,
+def format_report(name: str, lora: LoRAConfig, result: dict[str, Any], *, precision: Precision, batch_size: int,
                   seq_len: int, checkpointing: bool) -> str:
     rows = [
         f"dry run: {name}, LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.targets)}",

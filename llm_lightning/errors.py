@@ -15,3 +15,7 @@ class CheckpointError(UserFacingError):
 
 class TokenizerError(UserFacingError):
     """A tokenizer is missing, unreadable, or does not fit the model."""
+
+
+class SettingError(UserFacingError):
+    """A setting has a value outside what it accepts (a number out of range, an unknown name)."""

@@ -3,7 +3,9 @@
 Batched prompts are left-padded: each row gets rotary positions counted from its first real
 token and a key mask that hides its padding, so a prompt's continuation does not depend on what
 it was batched with. Greedy (temperature 0), temperature, top-k, top-p and a repetition penalty
-apply per row; beam search runs one prompt at a time with the beams as the batch.
+apply per row; beam search runs one prompt at a time with the beams as the batch. Text that could
+still be the start of a stop string is held back until the next token decides, so streamed,
+batched and whole results agree and never hold part of a stop string.
 
 With ``compile=True`` each decoding step after the prompt is one ``torch.compile``d call with
 static shapes (see ``KVCache``): CUDA graphs on a GPU, where eager decoding of a 7B model is
@@ -13,13 +15,18 @@ bound by kernel launches rather than by memory bandwidth. The first call compile
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from llm_lightning.errors import SettingError
 from llm_lightning.model import LLaMA
+from llm_lightning.sampling import SamplingOptions, cut_at_stop, held_back
 from llm_lightning.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
@@ -56,11 +63,19 @@ def choose_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
 
 @dataclass
 class _Row:
-    """One prompt's generation: its tokens so far, its decoded text, and whether it is done."""
+    """One prompt's generation: its decoded text so far, how much of it was handed out, and whether it is done."""
 
-    ids: list[int]
     text: str = ""
+    emitted: int = 0
     done: bool = False
+
+    def advance(self, piece: str, stop: tuple[str, ...], *, final: bool) -> str:
+        """Take the next decoded ``piece``; return the text that can be handed out now."""
+        self.text, hit = cut_at_stop(self.text + piece, stop)
+        self.done |= hit or final
+        end = len(self.text) if self.done else len(self.text) - held_back(self.text, stop)
+        out, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
+        return out
 
 
 #: Static-shape caches are sized up to a multiple of this, so prompts of similar length share one
@@ -81,24 +96,28 @@ def compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
     return torch.compile(_decode_step, mode=mode, fullgraph=True)
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    hits = [text.find(s) for s in stop if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
+def fit_to_context(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, clipped (with one warning) so that prompt + answer fit the model's context."""
+    room = model.config.max_seq_len - prompt_length
+    if room < 1:
+        raise SettingError(f"the prompt has {prompt_length} tokens, which fills the model's context of "
+                           f"{model.config.max_seq_len}; expected a shorter prompt")
+    if max_new_tokens > room:
+        log.warning("max_new_tokens=%d clipped to %d: the prompt has %d tokens and the model's context is %d",
+                    max_new_tokens, room, prompt_length, model.config.max_seq_len)
+    return min(max_new_tokens, room)
 
 
 @torch.no_grad()
-def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int,
-            temperature: float, top_k: int | None, top_p: float, repetition_penalty: float,
-            stop: Sequence[str], seed: int | None, min_new_tokens: int = 0,
+def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], options: SamplingOptions, *,
             compile: bool = False) -> Iterator[list[str]]:
     """Yield, after every step, the new text of each row (empty for rows that produced none)."""
     device = model.tok_embeddings.weight.device
+    seed, stop, repetition_penalty = options.seed, options.stop, options.repetition_penalty
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     batch, longest = len(prompt_ids), max(len(p) for p in prompt_ids)
+    max_new_tokens = fit_to_context(model, longest, options.max_new_tokens)
     total = longest + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.max_seq_len} tokens")
     ids = torch.full((batch, longest), tokenizer.pad_id, dtype=torch.long, device=device)
     real = torch.zeros((batch, total), dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompt_ids):
@@ -107,7 +126,7 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, 
     padded = bool((~real[:, :longest]).any())
     positions = (real[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
     seen = ids.clone()
-    rows = [_Row(ids=[]) for _ in prompt_ids]
+    rows = [_Row() for _ in prompt_ids]
     decoders = [tokenizer.stream_decoder() for _ in prompt_ids]
 
     cache_len = total
@@ -122,24 +141,20 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, 
         next_position = positions[:, -1:] + 1
         for step in range(max_new_tokens):
             logits = penalize_repetition(logits, seen, repetition_penalty)
-            if step < min_new_tokens:
+            if step < options.min_new_tokens:
                 logits[:, tokenizer.eos_id] = float("-inf")
-            next_ids = choose_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            next_ids = choose_next(logits, temperature=options.temperature, top_k=options.top_k,
+                                   top_p=options.top_p, generator=generator)
             pieces = []
-            for row, (state, decoder, token) in enumerate(zip(rows, decoders, next_ids.tolist())):
+            last = step == max_new_tokens - 1
+            for state, decoder, token in zip(rows, decoders, next_ids.tolist()):
                 if state.done:
                     pieces.append("")
-                    continue
-                if token == tokenizer.eos_id:
-                    state.done = True
-                    piece = decoder.flush()
+                elif token == tokenizer.eos_id:
+                    pieces.append(state.advance(decoder.flush(), stop, final=True))
                 else:
-                    state.ids.append(token)
                     piece = decoder.push(token)
-                text, hit = _cut_at_stop(state.text + piece, stop)
-                piece, state.text = text[len(state.text):], text
-                state.done |= hit
-                pieces.append(piece)
+                    pieces.append(state.advance(piece + (decoder.flush() if last else ""), stop, final=last))
             yield pieces
             if all(state.done for state in rows):
                 return
@@ -154,35 +169,36 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], *, 
                 logits = model(next_ids[:, None], start_pos=longest + step, positions=next_position,
                                key_padding_mask=real[:, : longest + step + 1] if padded else None)[:, -1]
             next_position = next_position + 1
-        tails = []
-        for state, decoder in zip(rows, decoders):
-            text, _ = _cut_at_stop(state.text + ("" if state.done else decoder.flush()), stop)
-            tails.append(text[len(state.text):])
-            state.text = text
-        yield tails
     finally:
         model.clear_kv_cache()
 
 
 @torch.no_grad()
 def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_beams: int,
-                 max_new_tokens: int, length_penalty: float = 1.0) -> tuple[list[int], float]:
+                 max_new_tokens: int, repetition_penalty: float = 1.0,
+                 length_penalty: float = 1.0) -> tuple[list[int], float]:
     """(best continuation ids without EOS, its total log-probability). Hypotheses that end in EOS
-    are ranked by log-probability / length**length_penalty, as in Hugging Face transformers."""
+    are ranked by log-probability / length**length_penalty, as in Hugging Face transformers; the
+    repetition penalty reshapes each beam's logits over its own context before the log-softmax."""
     device = model.tok_embeddings.weight.device
+    max_new_tokens = fit_to_context(model, len(prompt), max_new_tokens)
     total = len(prompt) + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {model.config.max_seq_len} tokens")
     model.setup_kv_cache(batch_size=num_beams, max_seq_len=total)
+
+    def next_logprobs(logits: torch.Tensor, beams: list[list[int]]) -> torch.Tensor:
+        if repetition_penalty != 1.0:
+            seen = torch.tensor([prompt + beam for beam in beams], device=device)
+            logits = penalize_repetition(logits.float(), seen, repetition_penalty)
+        return logits.float().log_softmax(-1)
+
     try:
-        logprobs = model(torch.tensor([prompt], device=device))[:, -1].float().log_softmax(-1)
+        beams: list[list[int]] = [[]]
+        logprobs = next_logprobs(model(torch.tensor([prompt], device=device))[:, -1], beams)
         for layer in model.layers:
             cache = layer.attention.kv_cache
             cache.k[:] = cache.k[:1]
             cache.v[:] = cache.v[:1]
         scores = torch.zeros(1, device=device)
-        beams: list[list[int]] = [[]]
         finished: list[tuple[float, float, list[int]]] = []  # (ranking score, log-prob, ids)
         for step in range(max_new_tokens):
             candidates = (scores[:, None] + logprobs).flatten()
@@ -214,7 +230,7 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
                 cache.k[: len(parents)] = cache.k.index_select(0, index)
                 cache.v[: len(parents)] = cache.v.index_select(0, index)
             step_input = torch.tensor(tokens, device=device)[:, None]
-            logprobs = model(step_input, start_pos=len(prompt) + step)[:, -1].float().log_softmax(-1)
+            logprobs = next_logprobs(model(step_input, start_pos=len(prompt) + step)[:, -1], beams)
         for ids, score in zip(beams, scores.tolist()):
             finished.append((score / (len(ids) + 1) ** length_penalty, score, ids))
         _, logprob, ids = max(finished, key=lambda f: f[0])
@@ -225,11 +241,14 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
 
 def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, num_beams: int = 1,
-             repetition_penalty: float = 1.0, stop: Sequence[str] = (), seed: int | None = None,
+             repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = (), seed: int | None = None,
              min_new_tokens: int = 0, compile: bool = False) -> str | list[str]:
     """Continue already-templated prompts; a single string in gives a single string out.
-    ``min_new_tokens`` forbids EOS before that many tokens (for benchmarks and forced lengths);
-    ``compile`` decodes with a compiled static-shape step (beam search stays eager)."""
+    The options are checked by ``SamplingOptions``; ``compile`` decodes with a compiled
+    static-shape step (beam search stays eager)."""
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              num_beams=num_beams, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                              min_new_tokens=min_new_tokens)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     prompt_ids = [tokenizer.encode(p, bos=True) for p in batch]
@@ -239,14 +258,12 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *
         if num_beams > 1:
             texts = []
             for ids in prompt_ids:
-                best, _ = _beam_search(model, tokenizer, ids, num_beams=num_beams, max_new_tokens=max_new_tokens)
-                texts.append(_cut_at_stop(tokenizer.decode(best), stop)[0])
+                best, _ = _beam_search(model, tokenizer, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                       repetition_penalty=repetition_penalty)
+                texts.append(cut_at_stop(tokenizer.decode(best), options.stop)[0])
         else:
             texts = [""] * len(batch)
-            for pieces in _sample(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, stop=stop, seed=seed,
-                                  min_new_tokens=min_new_tokens, compile=compile):
+            for pieces in _sample(model, tokenizer, prompt_ids, options, compile=compile):
                 texts = [t + p for t, p in zip(texts, pieces)]
     finally:
         model.train(was_training)
@@ -255,14 +272,14 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *
 
 def stream(model: LLaMA, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
            top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
-           stop: Sequence[str] = (), seed: int | None = None, compile: bool = False) -> Iterator[str]:
-    """Yield one prompt's continuation as text pieces, as soon as they decode."""
+           stop: str | Sequence[str] | None = (), seed: int | None = None, compile: bool = False) -> Iterator[str]:
+    """Yield one prompt's continuation as text pieces, as soon as they cannot be part of a stop string."""
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, stop=stop, seed=seed)
     was_training = model.training
     model.eval()
     try:
-        for pieces in _sample(model, tokenizer, [tokenizer.encode(prompt, bos=True)], max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, stop=stop, seed=seed, compile=compile):
+        for pieces in _sample(model, tokenizer, [tokenizer.encode(prompt, bos=True)], options, compile=compile):
             if pieces[0]:
                 yield pieces[0]
     finally:

@@ -54,6 +54,25 @@ class Tokenizer(ABC):
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    @abstractmethod
+    def id_to_token(self, token_id: int) -> str: ...
+
+    @abstractmethod
+    def _save_vocabulary(self, directory: Path) -> None:
+        """Write the vocabulary file transformers reads (``tokenizer.json`` or ``tokenizer.model``)."""
+
+    def save_hf(self, directory: Path) -> None:
+        """This tokenizer in the layout transformers' ``AutoTokenizer`` reads: the vocabulary file
+        plus ``tokenizer_config.json`` with the special tokens, BOS rule and chat template."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._save_vocabulary(directory)
+        token = lambda token_id: None if token_id is None else self.id_to_token(token_id)  # noqa: E731
+        settings = {"bos_token": token(self.bos_id), "eos_token": token(self.eos_id), "pad_token": token(self.pad_id),
+                    "add_bos_token": self.add_bos, "add_eos_token": False, "model_max_length": 1_000_000}
+        if self.chat_template:
+            settings["chat_template"] = self.chat_template
+        (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
     def _choose_pad(self, declared_pad: int | None, unk_id: int | None) -> int:
         for candidate in (declared_pad, unk_id, 0):
             if candidate is not None and candidate >= 0 and candidate != self.eos_id:
@@ -135,6 +154,12 @@ class SentencePieceTokenizer(Tokenizer):
         token_id = self.sp.piece_to_id(piece)
         return token_id if self.sp.id_to_piece(token_id) == piece else None
 
+    def id_to_token(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+    def _save_vocabulary(self, directory: Path) -> None:
+        (directory / "tokenizer.model").write_bytes(self._proto)
+
     def fingerprint(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()
 
@@ -195,6 +220,12 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, piece: str) -> int | None:
         return self.tok.token_to_id(piece)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self.tok.id_to_token(token_id)
+
+    def _save_vocabulary(self, directory: Path) -> None:
+        self.tok.save(str(directory / "tokenizer.json"))
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()

@@ -27,33 +27,22 @@ from llm_lightning.callbacks import ResourceMonitor
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.dry_run import estimate, format_report
 from llm_lightning.errors import UserFacingError
-from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
+from llm_lightning.lora import apply_lora, count_parameters
 from llm_lightning.module import LoRAFineTuner
-from llm_lightning.precision import HALF_PRECISIONS, HalfPrecisionFP32Adapters
+from llm_lightning.precision import HalfPrecisionFP32Adapters, Precision
 from llm_lightning.prompts import get_template
 from llm_lightning.provenance import build_provenance
+from llm_lightning.settings import lora_config, to_settings
 
 
-def lora_config(cfg: DictConfig) -> LoRAConfig:
-    try:
-        return LoRAConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                          targets=tuple(cfg.lora.targets))
-    except ValueError as exc:
-        raise UserFacingError(f"lora: {exc}") from None
-
-
-def check_precision(trainer_cfg: DictConfig) -> None:
-    """Refuse precisions the accelerator cannot run, before any weights are loaded."""
-    precision, accelerator = str(trainer_cfg.get("precision", "32-true")), str(trainer_cfg.get("accelerator", "auto"))
-    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+def check_precision(trainer_cfg: DictConfig) -> Precision:
+    """``trainer.precision`` parsed once, and refused where the accelerator cannot run it."""
+    precision = Precision.parse(trainer_cfg.get("precision", "32-true"))
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserFacingError(f"trainer.accelerator={accelerator} but no CUDA GPU is available; use trainer=cpu")
-    if not uses_gpu and precision in ("16-mixed", "16-true", "16"):
-        raise UserFacingError(
-            f"trainer.precision={precision} needs a GPU; on CPU use 32-true, bf16-mixed or bf16-true"
-        )
-    if uses_gpu and precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
-        raise UserFacingError(f"trainer.precision={precision}: this GPU has no bfloat16 support; use 16-mixed")
+    precision.check_device(accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()))
+    return precision
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -93,23 +82,23 @@ def build_logger(logger_cfg: DictConfig | None):
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
     config = LLaMAConfig.from_name(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
-    lora = lora_config(cfg)
+    lora = lora_config(cfg.lora)
+    precision = Precision.parse(cfg.trainer.precision)
     checkpointing = bool(cfg.model.get("activation_checkpointing", False))
-    result = estimate(config, lora, precision=str(cfg.trainer.precision), batch_size=cfg.data.batch_size,
+    result = estimate(config, lora, precision=precision, batch_size=cfg.data.batch_size,
                       seq_len=cfg.data.max_seq_length, checkpointing=checkpointing)
-    print(format_report(config.name, lora, result, precision=str(cfg.trainer.precision),
+    print(format_report(config.name, lora, result, precision=precision,
                         batch_size=cfg.data.batch_size, seq_len=cfg.data.max_seq_length,
                         checkpointing=checkpointing))
     return result
 
 
-def precision_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
+def precision_arguments(precision: Precision, trainer_cfg: DictConfig) -> dict[str, Any]:
     """Half-precision training keeps the adapters in fp32 (see ``precision.py``). FSDP brings its
     own precision plugin, which casts everything it shards, so it keeps Lightning's setting."""
-    precision = str(trainer_cfg.get("precision", "32-true"))
-    if precision not in HALF_PRECISIONS or "fsdp" in str(trainer_cfg.get("strategy")).lower():
-        return {}
-    return {"precision": None, "plugins": [HalfPrecisionFP32Adapters(precision)]}
+    if not precision.half_weights or "fsdp" in str(trainer_cfg.get("strategy")).lower():
+        return {"precision": precision.name}
+    return {"precision": None, "plugins": [HalfPrecisionFP32Adapters(precision.name)]}
 
 
 def save_final_checkpoint(trainer: L.Trainer) -> None:
@@ -132,17 +121,18 @@ def _validation_loss(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> f
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
+    to_settings(cfg)  # every typed group's checks, before anything is loaded
     if cfg.get("dry_run"):
         return dry_run(cfg)
-    check_precision(cfg.trainer)
+    precision = check_precision(cfg.trainer)
     if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
         print(cpu_kernels.describe())
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
 
-    model, tokenizer = load_base_model(cfg.model, precision=str(cfg.trainer.precision))
-    lora = lora_config(cfg)
+    model, tokenizer = load_base_model(cfg.model, dtype=precision.weights_dtype)
+    lora = lora_config(cfg.lora)
     template = get_template(cfg.data.template)
     provenance = build_provenance(model, tokenizer, template)
     apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
@@ -171,7 +161,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(resources)
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                         **precision_arguments(cfg.trainer))
+                                         **precision_arguments(precision, cfg.trainer))
     except (MisconfigurationException, ValueError) as exc:
         raise UserFacingError(f"trainer: {exc}") from None
     if logger:

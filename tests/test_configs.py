@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import open_dict
 
+from llm_lightning import settings
 from tests.train_runner import REPO
 
 
-def compose_train(*overrides: str):
+def compose_train(*overrides: str, config: str = "train"):
+    """The config as the task receives it, ``${hydra:...}`` interpolations resolvable."""
+    settings.register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+        cfg = compose(config, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_fills_the_typed_settings(experiment):
+    typed = settings.to_settings(compose_train(f"experiment={experiment}"))
+    assert isinstance(typed, settings.TrainSettings) and typed.lora.config.r == typed.lora.r
+    assert isinstance(typed.data, settings.DataSettings) and isinstance(typed.model, settings.ModelSettings)
+
+
+def test_generate_settings_sampling_and_device():
+    typed = settings.to_settings(compose_train("temperature=0.7", "top_p=0.9", "stop=[\"###\"]", config="generate"))
+    assert typed.sampling.temperature == 0.7 and typed.sampling.stop == ("###",)
+    assert typed.torch_device.type == "cpu" and typed.model.preset == "smollm2-135m"
 
 
 def test_fsdp_strategy_wraps_each_transformer_block():

@@ -1,5 +1,6 @@
 """Generation: cache vs no cache, greedy equivalences, top-p on a known distribution, beams,
-batching with left padding, compiled static-shape decoding, stop strings, seeds and streaming."""
+batching with left padding, compiled static-shape decoding, stop strings (also across tokens),
+seeds and streaming, and the checks every sampling option gets."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import shutil
 import pytest
 import torch
 
+from llm_lightning.config import LLaMAConfig
+from llm_lightning.errors import SettingError
 from llm_lightning.generation import _beam_search, filter_logits, generate, stream
+from llm_lightning.model import LLaMA
 from llm_lightning.prompts import get_template
+from llm_lightning.sampling import SamplingOptions, held_back
 
 pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
 
@@ -127,3 +132,74 @@ def test_repetition_penalty_changes_greedy_output(smollm2):
     plain = generate(model, tokenizer, prompt, max_new_tokens=20)
     penalized = generate(model, tokenizer, prompt, max_new_tokens=20, repetition_penalty=1.5)
     assert plain != penalized
+
+
+def test_stop_string_spanning_two_tokens_never_leaks(smollm2):
+    """A stop string whose first character ends one token and whose second starts the next: the
+    first character is held back until the next token shows it belongs to the stop string."""
+    model, tokenizer = smollm2
+    prompt = chat("Count from 1 to 10, separated by commas.")
+    pieces = list(stream(model, tokenizer, prompt, max_new_tokens=40))
+    full = "".join(pieces)
+    boundaries = [sum(len(p) for p in pieces[:i]) for i in range(1, len(pieces))]
+    boundary = next(b for b in boundaries if full.find(full[b - 1:b + 1]) == b - 1)
+    stop = full[boundary - 1:boundary + 1]
+    expected = full[:boundary - 1]
+    assert generate(model, tokenizer, prompt, max_new_tokens=40, stop=[stop]) == expected
+    assert "".join(stream(model, tokenizer, prompt, max_new_tokens=40, stop=[stop])) == expected
+    assert generate(model, tokenizer, [prompt, chat(PROMPTS[0])], max_new_tokens=40, stop=[stop])[0] == expected
+    assert generate(model, tokenizer, prompt, max_new_tokens=40, stop=None) == full
+
+
+def test_held_back_is_the_longest_suffix_that_starts_a_stop_string():
+    assert held_back("answer #", ["##"]) == 1
+    assert held_back("answer ##", ["##"]) == 1  # "##" itself is cut, not held; its last "#" may start another
+    assert held_back("abc", ["xyz", "bcd", "c!"]) == 2
+    assert held_back("ab", ["abc"]) == 2
+    assert held_back("abc", []) == 0
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(top_k=-3), "top_k=-3: expected an integer >= 0"),
+    (dict(top_p=1.5), "top_p=1.5: expected a number in (0, 1]"),
+    (dict(top_p=0.0, temperature=0.8), "top_p=0.0: expected a number in (0, 1]"),
+    (dict(temperature=-1), "temperature=-1: expected a number >= 0"),
+    (dict(max_new_tokens=0), "max_new_tokens=0: expected an integer >= 1"),
+    (dict(num_beams=0), "num_beams=0: expected an integer >= 1"),
+    (dict(repetition_penalty=0), "repetition_penalty=0: expected a number > 0"),
+    (dict(num_beams=2, temperature=0.7), "temperature=0.7 with num_beams=2: beam search is deterministic"),
+    (dict(num_beams=2, top_p=0.9), "top_p=0.9 with num_beams=2"),
+    (dict(num_beams=3, top_k=5), "top_k=5 with num_beams=3"),
+    (dict(stop=[1]), "stop=[1]: expected a list of strings"),
+])
+def test_bad_sampling_options_are_refused_in_one_line(options, message):
+    with pytest.raises(SettingError) as error:
+        SamplingOptions(**options)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_max_new_tokens_beyond_the_context_is_clipped_with_a_warning(caplog):
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64, max_seq_len=16)).eval()
+
+    class Ids:  # a tokenizer over ids 0-63: the text is the ids, space-separated
+        eos_id, pad_id = 63, 0
+
+        def encode(self, text, bos=True):
+            return [int(t) for t in text.split()]
+
+        def stream_decoder(self):
+            return type("D", (), {"push": lambda _, t: f"{t} ", "flush": lambda _: ""})()
+
+    answer = generate(model, Ids(), "1 2 3 4 5 6", max_new_tokens=100, min_new_tokens=10)
+    assert len(answer.split()) == 10
+    assert "max_new_tokens=100 clipped to 10" in caplog.text
+    with pytest.raises(SettingError, match="fills the model's context of 16"):
+        generate(model, Ids(), " ".join(["1"] * 16), max_new_tokens=4)
+
+
+def test_beam_search_applies_the_repetition_penalty(smollm2):
+    model, tokenizer = smollm2
+    prompt = chat("Repeat the word 'cat' ten times.")
+    plain = generate(model, tokenizer, prompt, max_new_tokens=20, num_beams=2)
+    assert generate(model, tokenizer, prompt, max_new_tokens=20, num_beams=2, repetition_penalty=1.5) != plain

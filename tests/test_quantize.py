@@ -93,7 +93,7 @@ def test_generate_cli_int8_and_its_refusals():
     assert "Paris" in result.stdout
     wrong = run_generate("quantize=int4")
     assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
-    assert "error: quantize=int4: expected int8 or null" in wrong.stderr
+    assert "quantize=int4: Invalid value 'int4', expected one of [int8]" in wrong.stderr
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

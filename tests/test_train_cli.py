@@ -38,40 +38,6 @@ def test_dry_run_of_the_course_recipe(tmp_path):
     assert "activations" in result.stdout and "GiB" in result.stdout
 
 
-def _error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    return lines[0]
-
-
-@pytest.mark.parametrize("case", ["missing", "invalid_json", "empty", "too_long", "precision", "target", "no_source"])
-def test_bad_input_gives_one_line(case, tmp_path):
-    bad_json = tmp_path / "bad.json"
-    bad_json.write_text('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": }]')
-    empty = tmp_path / "empty.json"
-    empty.write_text("[]")
-    overrides, expected = {
-        "missing": (["data.path=/no/such/data.json"], "/no/such/data.json: data file not found"),
-        "invalid_json": ([f"data.path={bad_json}"], "invalid JSON at line 2, column 18"),
-        "empty": ([f"data.path={empty}"], "no valid records"),
-        "too_long": (["data.max_seq_length=16"], "every training example is longer than data.max_seq_length=16"),
-        "precision": (["trainer.precision=16-mixed"], "trainer.precision=16-mixed needs a GPU"),
-        "target": (["lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
-        "no_source": (["model=llama2_7b"], "model.source is required for preset llama2-7b"),
-    }[case]
-    base = [o for o in TINY if not (case == "no_source" and o.startswith("model="))]
-    result = run_train(*base, *overrides, run_dir=tmp_path / "run", check=False)
-    assert expected in _error_line(result)
-
-
-def test_mistyped_override_is_refused_by_hydra(tmp_path):
-    result = run_train(*TINY, "data.batchsize=2", run_dir=tmp_path, check=False)
-    assert result.returncode != 0
-    assert "Key 'batchsize' is not in struct" in result.stderr
-
-
 def test_summary_checkpoints_and_csv_metrics(tmp_path):
     run_train(*[o for o in TINY if o != "logger=none"], "logger=csv", "trainer.limit_train_batches=6",
               "callbacks.last_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1",
@@ -130,7 +96,8 @@ def test_adapter_onto_a_different_base_is_refused_unless_forced(tmp_path):
     run_train(*TINY, "trainer.limit_train_batches=2", run_dir=tmp_path / "a")
     checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
     refused = run_train(*TINY, "seed=7", f"ckpt_path={checkpoint}", run_dir=tmp_path / "b", check=False)
-    assert "adapter was trained with different base model weights" in _error_line(refused)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "adapter was trained with different base model weights" in refused.stderr
     run_train(*TINY, "seed=7", f"ckpt_path={checkpoint}", "force_adapter_load=true", "trainer.max_epochs=2",
               "trainer.limit_train_batches=2", run_dir=tmp_path / "c")
 

@@ -69,6 +69,15 @@ def permute_from_hf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.view(n_heads, 2, out_dim // n_heads // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def permute_qk(name: str, tensor: torch.Tensor, config: LLaMAConfig, *, to_hf: bool) -> torch.Tensor:
+    """``tensor`` with its rows moved between our (Meta) and HF's layout if ``name`` is a q or k
+    weight, or the LoRA B of one (``layers.0.attention.wq.weight`` / ``...wq.lora_b``); else unchanged."""
+    heads = {"wq": config.n_heads, "wk": config.kv_heads}.get(name.split(".")[-2])
+    if heads is None or tensor.ndim != 2 or tensor.shape[0] != heads * config.head_dim:
+        return tensor  # a wrong shape is left for the loader's shape check to report
+    return permute_to_hf(tensor, heads) if to_hf else permute_from_hf(tensor, heads)
+
+
 def is_hf_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
@@ -156,9 +165,6 @@ def load_hf_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.dev
                 raise CheckpointError(f"{path}: unexpected tensor {name!r} for a LLaMA model")
             if meta_name == "output.weight" and config.tie_embeddings:
                 continue
-            heads = {"wq": config.n_heads, "wk": config.kv_heads}.get(meta_name.split(".")[-2])
-            if heads and tensor.ndim == 2 and tensor.shape[0] == heads * config.head_dim:
-                tensor = permute_from_hf(tensor, heads)
-            yield meta_name, tensor  # a wrong shape is reported by assemble_model
+            yield meta_name, permute_qk(meta_name, tensor, config, to_hf=False)  # assemble_model checks shapes
 
     return assemble_model(config, converted(), source=str(directory), dtype=dtype, device=device)

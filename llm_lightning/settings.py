@@ -1,0 +1,259 @@
+"""Typed settings for the Hydra entry points, registered in Hydra's ConfigStore.
+
+A config file in ``conf/`` fills these dataclasses, so a value of the wrong type or an unknown
+name (dtype, template) is refused while Hydra composes the config, and ``to_settings`` builds the
+dataclasses once, running each one's checks (``__post_init__``) before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from llm_lightning.errors import SettingError
+from llm_lightning.lora import LoRAConfig
+from llm_lightning.prompts import TEMPLATES
+from llm_lightning.sampling import SamplingOptions
+
+DType = Enum("DType", {name: name for name in ("float32", "bfloat16", "float16")})
+TemplateName = Enum("TemplateName", {name: name for name in TEMPLATES})
+Quantize = Enum("Quantize", {"int8": "int8"})
+
+
+@dataclass
+class ModelSettings:
+    """The ``model`` group: a preset's shape, and the weights to load (``source``) or random ones."""
+
+    preset: str = "smollm2-135m"
+    source: Optional[str] = None  # null: the embedded default (smollm2-135m only); or a Meta/HF dir or .gguf file
+    tokenizer: Optional[str] = None
+    random_init: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class LoRASettings:
+    """The ``lora`` group, checked by building the ``LoRAConfig`` it describes."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+
+    def __post_init__(self) -> None:
+        self.config = lora_config(self)
+
+
+def lora_config(lora: Any) -> LoRAConfig:
+    """``LoRAConfig`` from the ``lora`` group's settings (a DictConfig or ``LoRASettings``)."""
+    try:
+        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
+    except ValueError as exc:
+        raise SettingError(f"lora: {exc}") from None
+
+
+@dataclass
+class DataSettings:
+    """The ``data`` group: ``AlpacaDataModule``'s arguments (see conf/data/alpaca.yaml)."""
+
+    _target_: str = "llm_lightning.data.AlpacaDataModule"
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+    cache_dir: Optional[str] = None
+    template: str = "alpaca"  # a str, not TemplateName: it is handed to AlpacaDataModule as it is
+    max_seq_length: int = 512
+    train_on_inputs: bool = False
+    val_size: float = 0.1
+    limit: Optional[int] = None
+    skip_invalid: bool = False
+    batch_size: int = 4
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    seed: int = 42
+    pad_to_multiple_of: int = 1
+    group_by_length: bool = True
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATES)}")
+        for name in ("max_seq_length", "batch_size", "pad_to_multiple_of"):
+            if getattr(self, name) < 1:
+                raise SettingError(f"data.{name}={getattr(self, name)}: expected an integer >= 1")
+        if self.val_size < 0:
+            raise SettingError(f"data.val_size={self.val_size}: expected a fraction in [0, 1) or a count >= 1")
+
+
+@dataclass
+class TrainSettings:
+    """``train.py``: the typed groups; trainer, optimizer, scheduler, logger and callbacks are
+    Lightning/PyTorch ``_target_`` configs, checked by instantiating them."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    optimizer: Any = None
+    scheduler: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    name: str = "default"
+    seed: int = 42
+    ckpt_path: Optional[str] = None
+    dry_run: bool = False
+    force_adapter_load: bool = False
+    compile: bool = False
+
+
+def torch_device(name: str) -> torch.device:
+    """``name`` as a device this machine has, or one line saying why not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingError(f"device={name}: expected cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(f"device={name}: no CUDA GPU is available here; use device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SettingError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SettingError(f"device={name}: MPS is not available here; use device=cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SettingError(f"device={name}: expected cpu, cuda, cuda:N or mps")
+    return device
+
+
+@dataclass
+class GenerateSettings:
+    """``generate.py``: what to load, what to ask, and how to sample (see conf/generate.yaml)."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    ckpt_path: Optional[str] = None
+    name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
+    force_adapter_load: bool = False
+    prompt: str = "What is the capital of France?"
+    prompts_file: Optional[str] = None
+    template: Optional[TemplateName] = None
+    compare: bool = False
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = 1234
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: DType = DType.float32
+    quantize: Optional[Quantize] = None
+    pack_weights: bool = True
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self.sampling = SamplingOptions(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            num_beams=self.num_beams, repetition_penalty=self.repetition_penalty, stop=tuple(self.stop),
+            seed=self.seed)
+        if self.batch_size < 1:
+            raise SettingError(f"batch_size={self.batch_size}: expected an integer >= 1")
+        if not self.prompts_file and not self.prompt.strip():
+            raise SettingError("prompt is empty: expected prompt=\"...\" or prompts_file=FILE")
+        if self.compare and not self.ckpt_path:
+            raise SettingError("compare=true needs ckpt_path=... (an adapter to compare with the base model)")
+        if self.quantize is not None and self.compare:
+            raise SettingError(f"quantize={self.quantize.value} merges the adapter into quantized weights; "
+                               "it cannot compare=true")
+        self.torch_device = torch_device(self.device)
+        self.torch_dtype = getattr(torch, self.dtype.value)
+        if self.torch_dtype == torch.float16 and self.torch_device.type == "cpu":
+            raise SettingError("dtype=float16 on CPU: PyTorch's CPU kernels are slow or missing in fp16; "
+                               "use float32 or bfloat16")
+
+
+Split = Enum("Split", {"val": "val", "all": "all"})
+ExportFormat = Enum("ExportFormat", {name: name for name in ("hf", "peft", "meta")})
+
+
+def _require_checkpoint(tool: str, ckpt_path: Optional[str]) -> None:
+    if not ckpt_path:
+        raise SettingError(f"{tool} needs ckpt_path=... (a training .ckpt, a run dir, a PEFT adapter dir, or last)")
+
+
+def _require_at_least_one(**values: Optional[int]) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise SettingError(f"{name}={value}: expected an integer >= 1")
+
+
+@dataclass
+class EvaluateDataOverrides:
+    """Data settings that replace those saved in the checkpoint (null: keep the saved one)."""
+
+    path: Optional[str] = None
+    template: Optional[str] = None
+    max_seq_length: Optional[int] = None
+    val_size: Optional[float] = None
+    limit: Optional[int] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.template is not None and self.template not in TEMPLATES:
+            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATES)}")
+        _require_at_least_one(**{"data.max_seq_length": self.max_seq_length, "data.limit": self.limit})
+
+
+@dataclass
+class EvaluateSettings:
+    """``evaluate.py``: which adapter, which examples, how long the answers."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    ckpt_path: Optional[str] = None
+    name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
+    force_adapter_load: bool = False
+    data: EvaluateDataOverrides = field(default_factory=EvaluateDataOverrides)
+    split: Split = Split.val
+    max_examples: Optional[int] = None
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    output: str = "eval.json"
+
+    def __post_init__(self) -> None:
+        _require_checkpoint("evaluate", self.ckpt_path)
+        _require_at_least_one(max_examples=self.max_examples, max_new_tokens=self.max_new_tokens,
+                              batch_size=self.batch_size)
+
+
+@dataclass
+class ExportSettings:
+    """``export.py``: which adapter, which format, where to."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    ckpt_path: Optional[str] = None
+    name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
+    force_adapter_load: bool = False
+    format: ExportFormat = ExportFormat.hf
+    output_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require_checkpoint("export", self.ckpt_path)
+        if not self.output_dir:
+            raise SettingError("export needs output_dir=DIR (where the exported files go)")
+
+
+def register() -> None:
+    """Put the schemas where the config files name them (``defaults: [generate_schema, ...]``)."""
+    store = ConfigStore.instance()
+    store.store(name="generate_schema", node=GenerateSettings)
+    store.store(name="train_schema", node=TrainSettings)
+    store.store(name="evaluate_schema", node=EvaluateSettings)
+    store.store(name="export_schema", node=ExportSettings)
+
+
+def to_settings(cfg: DictConfig) -> Any:
+    """The composed config as its dataclasses, each one's checks run."""
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,82 @@
+"""``python generate.py``: load a model (and an adapter), template the prompts, sample, print.
+
+One prompt streams as it decodes; several (``prompts_file``) are batched, and with
+``compare=true`` the base model's answers are printed next to the fine-tuned ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llm_lightning import cpu_kernels
+from llm_lightning.adapter import find_last_checkpoint, load_adapter
+from llm_lightning.base_model import load_base_model
+from llm_lightning.generation import generate as generate_batch
+from llm_lightning.generation import stream
+from llm_lightning.lora import lora_disabled
+from llm_lightning.prompt_files import read_prompts
+from llm_lightning.prompts import get_template
+from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
+from llm_lightning.settings import GenerateSettings, to_settings
+
+
+def generate(cfg: DictConfig) -> list[str]:
+    settings: GenerateSettings = to_settings(cfg)
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    pairs = read_prompts(settings.prompts_file) if settings.prompts_file else [(settings.prompt, "")]
+    model, tokenizer = load_base_model(settings.model, dtype=settings.torch_dtype, device=settings.torch_device)
+    template_name = settings.template.value if settings.template else "chat"
+    if settings.ckpt_path:
+        path = find_last_checkpoint() if settings.ckpt_path == "last" else Path(settings.ckpt_path)
+        checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
+        template_name = (settings.template.value if settings.template
+                         else checkpoint.get("provenance", {}).get("template_name", "alpaca"))
+        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template_name}]", file=sys.stderr)
+    if settings.quantize is not None:
+        quantize_int8(model)
+    elif settings.pack_weights and not settings.compare and not settings.compile and can_pack_weights(model):
+        pack_weights(model)  # exact: the same products from a oneDNN weight layout
+    if settings.torch_device.type == "cpu":
+        print(cpu_kernels.describe(), file=sys.stderr)
+    template = get_template(template_name)
+    prompts = [template.format(instruction, input) for instruction, input in pairs]
+    sampling = settings.sampling
+    options = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                   top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, stop=sampling.stop,
+                   seed=sampling.seed, compile=settings.compile)
+
+    start = time.perf_counter()
+    if len(prompts) == 1 and not settings.compare and sampling.num_beams == 1:
+        pieces = []
+        for piece in stream(model, tokenizer, prompts[0], **options):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+        print()
+        outputs = ["".join(pieces)]
+    else:
+        variants = {"fine-tuned" if settings.compare else "output": contextlib.nullcontext()}
+        if settings.compare:
+            variants = {"base": lora_disabled(model), **variants}
+        answers: dict[str, list[str]] = {}
+        for name, context in variants.items():
+            with context:
+                answers[name] = []
+                for i in range(0, len(prompts), settings.batch_size):
+                    answers[name] += generate_batch(model, tokenizer, prompts[i:i + settings.batch_size],
+                                                    num_beams=sampling.num_beams, **options)
+        for index, (instruction, input) in enumerate(pairs):
+            print(f"### {index + 1}. {instruction}" + (f"\n[input] {input}" if input else ""))
+            for name, texts in answers.items():
+                print(f"[{name}] {texts[index]}" if len(answers) > 1 else texts[index])
+            print()
+        outputs = [text for texts in answers.values() for text in texts]
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(len(tokenizer.encode(text, bos=False)) for text in outputs)
+    print(f"[{n_tokens} tokens in {elapsed:.2f}s, {n_tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return outputs

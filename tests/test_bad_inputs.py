@@ -1,0 +1,106 @@
+"""Every user mistake, through the real entry points: one ``error:`` line on stderr naming what was
+wrong, where and what was expected; exit code 2; no traceback; and an exit within seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.train_runner import REPO, TINY
+
+#: Generous for a 2-core CI machine: the imports alone take a few seconds there.
+SECONDS = 60
+
+# (tool, arguments, what the error line must contain); {tmp} and {gguf} are filled in below.
+CASES = [
+    ("generate", ["top_k=-3"], "top_k=-3: expected an integer >= 0"),
+    ("generate", ["top_p=1.5"], "top_p=1.5: expected a number in (0, 1]"),
+    ("generate", ["top_p=0", "temperature=0.8"], "top_p=0.0: expected a number in (0, 1]"),
+    ("generate", ["temperature=-1"], "temperature=-1.0: expected a number >= 0"),
+    ("generate", ["max_new_tokens=0"], "max_new_tokens=0: expected an integer >= 1"),
+    ("generate", ["num_beams=0"], "num_beams=0: expected an integer >= 1"),
+    ("generate", ["num_beams=2", "temperature=0.7"], "temperature=0.7 with num_beams=2"),
+    ("generate", ["num_beams=2", "top_k=5"], "top_k=5 with num_beams=2"),
+    ("generate", ["repetition_penalty=0"], "repetition_penalty=0.0: expected a number > 0"),
+    ("generate", ["batch_size=0"], "batch_size=0: expected an integer >= 1"),
+    ("generate", ["dtype=float64x"], "Invalid value 'float64x', expected one of [float32, bfloat16, float16]"),
+    ("generate", ["dtype=float16"], "dtype=float16 on CPU"),
+    ("generate", ["device=cudax"], "device=cudax: expected cpu, cuda, cuda:N or mps"),
+    ("generate", ["template=chatt"], "Invalid value 'chatt', expected one of [alpaca, chat, none]"),
+    ("generate", ["top_k=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("generate", ["tempreature=0.5"], "Could not override 'tempreature'"),
+    ("generate", ["model=/tmp"], "point at weights with model.source=PATH"),
+    ("generate", ["prompt="], "prompt is empty"),
+    ("generate", ["compare=true"], "compare=true needs ckpt_path"),
+    ("generate", ["prompts_file={tmp}/missing.txt"], "missing.txt: prompts file not found"),
+    ("generate", ["prompts_file={tmp}/empty.txt"], "empty.txt: no prompts"),
+    ("generate", ["model.source={tmp}/nowhere"], "nowhere: no such file or directory"),
+    ("generate", ["model.source={tmp}"], "not a recognised checkpoint"),
+    ("generate", ["model.source={tmp}/truncated.gguf"], "not a readable GGUF file"),
+    ("generate", ["ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: checkpoint file not found"),
+    ("generate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
+    ("generate", ["ckpt_path={tmp}/foreign.ckpt"], "foreign.ckpt: not an llm_lightning training checkpoint"),
+    ("generate", ["model=tiny", "model.overrides.vocab_size=512"], "tokenizer has 49152 tokens but model preset tiny"),
+    ("train", [*TINY, "trainer.precision=16-true"], "16-true: fp16 weights and gradients without loss scaling"),
+    ("train", [*TINY, "trainer.precision=16-mixed"], "16-mixed needs a GPU"),
+    ("train", [*TINY, "trainer.precision=fp8"], "trainer.precision=fp8: expected one of 32-true"),
+    ("train", [*TINY, "data.path={tmp}/missing.json"], "missing.json: data file not found"),
+    ("train", [*TINY, "data.batch_size=abc"], "could not be converted to Integer"),
+    ("train", [*TINY, "data.batchsize=2"], "Could not override 'data.batchsize'"),
+    ("train", [*TINY, "trainer.max_epoch=2"], "Could not override 'trainer.max_epoch'"),
+    ("train", [*TINY, "data.path={tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 18"),
+    ("train", [*TINY, "data.path={tmp}/empty.json"], "no valid records"),
+    ("train", [*TINY, "data.max_seq_length=16"], "every training example is longer than data.max_seq_length=16"),
+    ("train", [*TINY, "data.template=chatt"], "data.template=chatt: expected one of alpaca, chat, none"),
+    ("train", [*TINY, "data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
+    ("train", [*TINY, "lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
+    ("train", [*TINY, "lora.r=0"], "lora: LoRA rank r must be positive"),
+    ("train", ["logger=none", "model=llama2_7b"], "model.source is required for preset llama2-7b"),
+    ("train", [*TINY, "model=llama9"], "Could not find 'model/llama9'"),
+    ("train", [*TINY, "ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
+    ("evaluate", [], "ckpt_path=... is required"),
+    ("evaluate", ["ckpt_path={tmp}/missing.ckpt", "split=test"], "split=test: expected val or all"),
+    ("evaluate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
+    ("export", ["ckpt_path={tmp}/missing.ckpt", "format=onnx", "output_dir={tmp}/out"], "format=onnx: expected one of"),
+    ("export", ["format=hf"], "ckpt_path=... and output_dir=... are required"),
+    ("export", ["ckpt_path={tmp}/foreign.ckpt", "output_dir={tmp}/out"], "not an llm_lightning training checkpoint"),
+]
+
+COMMANDS = {"generate": ["generate.py"], "train": ["train.py"], "evaluate": ["-m", "llm_lightning.evaluate"],
+            "export": ["-m", "llm_lightning.export"]}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, default_gguf_path) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty.txt").write_text("\n\n")
+    (root / "empty.json").write_text("[]")
+    (root / "bad.json").write_text('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": }]')
+    (root / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
+    torch.save({"epoch": 1, "weights": torch.zeros(2)}, root / "foreign.ckpt")
+    (root / "truncated.gguf").write_bytes(default_gguf_path.read_bytes()[:4096])
+    return root
+
+
+@pytest.mark.parametrize(("tool", "arguments", "expected"), CASES,
+                         ids=[f"{tool}:{' '.join(a for a in args if a not in TINY)}" for tool, args, _ in CASES])
+def test_bad_input_gives_one_line_and_exit_2(tool, arguments, expected, bad_files, tmp_path):
+    arguments = [a.format(tmp=bad_files) for a in arguments]
+    if tool == "train":
+        arguments.append(f"hydra.run.dir={tmp_path / 'run'}")
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *COMMANDS[tool], *arguments], cwd=tmp_path if tool in ("evaluate", "export") else REPO,
+                            capture_output=True, text=True, timeout=SECONDS * 2,
+                            env={**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": ""})
+    elapsed = time.perf_counter() - start
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    assert elapsed < SECONDS
