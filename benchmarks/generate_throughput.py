@@ -23,8 +23,8 @@ import torch
 
 from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
-from llm_lightning.base_model import embedded_tokenizer
-from llm_lightning.checkpoints.hf_export import transformers_twin
+from llm_lightning.loading import embedded_tokenizer
+from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.prompts import get_template
 from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
 

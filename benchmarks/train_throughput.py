@@ -28,8 +28,8 @@ import torch
 
 from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
-from llm_lightning.base_model import embedded_tokenizer
-from llm_lightning.checkpoints.hf_export import transformers_twin
+from llm_lightning.loading import embedded_tokenizer
+from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
 from llm_lightning.data.batching import collate
 from llm_lightning.data.encoding import IGNORE_INDEX, encode_record

@@ -5,7 +5,7 @@ from llm_lightning.errors import CheckpointError, TokenizerError, UserFacingErro
 from llm_lightning.generation import generate, stream
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.model import LLaMA
-from llm_lightning.pretrained import load_pretrained
+from llm_lightning.loading import load_pretrained
 from llm_lightning.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [

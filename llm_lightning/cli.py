@@ -109,17 +109,3 @@ def _restore(saved: dict[str, str | None]) -> None:
     else:
         os.environ[FULL_ERROR] = saved[FULL_ERROR]
 
-
-def parse_settings(argv: list[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``key=value`` arguments (dotted keys, Hydra-style values) over defaults; an unknown key is an error."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import ConfigKeyError
-
-    base = OmegaConf.create(defaults)
-    OmegaConf.set_struct(base, True)
-    try:
-        return OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.from_cli(argv)))
-    except ConfigKeyError as exc:
-        raise UserFacingError(
-            f"unknown setting ({str(exc).splitlines()[0]}); expected one of {', '.join(defaults)}"
-        ) from None

@@ -100,6 +100,6 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def default_gguf_path():
-    from llm_lightning.default_model import default_model_path
+    from llm_lightning.loading import default_model_path
 
     return default_model_path()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig
-from llm_lightning.base_model import embedded_tokenizer
+from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.data import AlpacaDataModule
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import token_nll

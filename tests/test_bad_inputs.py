@@ -43,7 +43,7 @@ CASES = [
     ("generate", ["model.source={tmp}/nowhere"], "nowhere: no such file or directory"),
     ("generate", ["model.source={tmp}"], "not a recognised checkpoint"),
     ("generate", ["model.source={tmp}/truncated.gguf"], "not a readable GGUF file"),
-    ("generate", ["ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: checkpoint file not found"),
+    ("generate", ["ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
     ("generate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
     ("generate", ["ckpt_path={tmp}/foreign.ckpt"], "foreign.ckpt: not an llm_lightning training checkpoint"),
     ("generate", ["model=tiny", "model.overrides.vocab_size=512"], "tokenizer has 49152 tokens but model preset tiny"),
@@ -64,16 +64,25 @@ CASES = [
     ("train", ["logger=none", "model=llama2_7b"], "model.source is required for preset llama2-7b"),
     ("train", [*TINY, "model=llama9"], "Could not find 'model/llama9'"),
     ("train", [*TINY, "ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
-    ("evaluate", [], "ckpt_path=... is required"),
-    ("evaluate", ["ckpt_path={tmp}/missing.ckpt", "split=test"], "split=test: expected val or all"),
+    ("train", [*TINY, "ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt"),
+    ("evaluate", [], "evaluate needs ckpt_path=..."),
+    ("evaluate", ["ckpt_path={tmp}/missing.ckpt", "split=test"], "Invalid value 'test', expected one of [val, all]"),
     ("evaluate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
-    ("export", ["ckpt_path={tmp}/missing.ckpt", "format=onnx", "output_dir={tmp}/out"], "format=onnx: expected one of"),
-    ("export", ["format=hf"], "ckpt_path=... and output_dir=... are required"),
+    ("evaluate", ["ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
+    ("evaluate", ["ckpt_path={tmp}"], "a directory without checkpoints/last.ckpt or adapter_config.json"),
+    ("evaluate", ["ckpt_path=last", "name=no_such_experiment"], "ckpt_path=last: no */checkpoints/last.ckpt"),
+    ("evaluate", ["ckpt_path={tmp}/foreign.ckpt", "max_examples=0"], "max_examples=0: expected an integer >= 1"),
+    ("evaluate", ["ckpt_path={tmp}/foreign.ckpt", "data.template=x"], "data.template=x: expected one of"),
+    ("export", ["ckpt_path={tmp}/missing.ckpt", "format=onnx", "output_dir={tmp}/out"],
+     "Invalid value 'onnx', expected one of [hf, peft, meta]"),
+    ("export", ["format=hf"], "export needs ckpt_path=..."),
+    ("export", ["ckpt_path={tmp}/foreign.ckpt"], "export needs output_dir=DIR"),
     ("export", ["ckpt_path={tmp}/foreign.ckpt", "output_dir={tmp}/out"], "not an llm_lightning training checkpoint"),
+    ("export", ["ckpt_path={tmp}/missing.ckpt", "output_dir={tmp}/out"], "missing.ckpt: no such checkpoint file"),
+    ("export", ["ckpt_path={tmp}/corrupt.ckpt", "output_dir={tmp}/out", "model.source={tmp}/nowhere"],
+     "nowhere: no such file or directory"),
 ]
 
-COMMANDS = {"generate": ["generate.py"], "train": ["train.py"], "evaluate": ["-m", "llm_lightning.evaluate"],
-            "export": ["-m", "llm_lightning.export"]}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +104,7 @@ def test_bad_input_gives_one_line_and_exit_2(tool, arguments, expected, bad_file
     if tool == "train":
         arguments.append(f"hydra.run.dir={tmp_path / 'run'}")
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *COMMANDS[tool], *arguments], cwd=tmp_path if tool in ("evaluate", "export") else REPO,
+    result = subprocess.run([sys.executable, f"{tool}.py", *arguments], cwd=REPO,
                             capture_output=True, text=True, timeout=SECONDS * 2,
                             env={**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": ""})
     elapsed = time.perf_counter() - start

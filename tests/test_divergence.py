@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from llm_lightning import LLaMA, LLaMAConfig
-from llm_lightning.base_model import embedded_tokenizer
+from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.data import AlpacaDataModule
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.module import LoRAFineTuner, NonFiniteLossError

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig
-from llm_lightning.base_model import embedded_tokenizer
 from llm_lightning.data import IGNORE_INDEX, Record, encode_record
-from llm_lightning.evaluate import main as evaluate_main
-from llm_lightning.evaluate import perplexity, rouge_l
+from llm_lightning.loading import embedded_tokenizer
+from llm_lightning.metrics import perplexity, rouge_l
 from llm_lightning.prompts import get_template
 from tests.conftest import make_hf_llama, save_hf_dir
-from tests.train_runner import run_train
+from tests.train_runner import run_tool, run_train
 
 
 def test_perplexity_equals_exp_of_mean_token_nll_by_hand():
@@ -49,11 +48,13 @@ def test_evaluate_cli_compares_base_and_fine_tuned(tmp_path, tiny_tokenizer_dir)
               "trainer.limit_train_batches=4", "data.max_seq_length=128", "data.val_size=6", "lora.r=4",
               "optimizer.lr=3e-2", "scheduler.warmup_steps=0", run_dir=tmp_path / "run")
     output = tmp_path / "eval.json"
-    results = evaluate_main([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model={base}",
-                             "max_new_tokens=6", f"output={output}"])
-    assert 0 < results["examples"] <= 6 and json.loads(output.read_text())["examples"] == results["examples"]
+    printed = run_tool("evaluate", f"ckpt_path={tmp_path / 'run'}", f"model.source={base}", "max_new_tokens=6",
+                       f"output={output}")
+    results = json.loads(output.read_text())
+    assert 0 < results["examples"] <= 6 and f"{results['examples']} examples from" in printed.stdout
     assert results["base"]["perplexity"] != results["fine_tuned"]["perplexity"]
     assert all(0.0 <= results[k]["rougeL"] <= 1.0 for k in ("base", "fine_tuned"))
-    whole = evaluate_main([f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model={base}",
-                           "split=all", "max_examples=3", "max_new_tokens=4", f"output={output}"])
+    run_tool("evaluate", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model.source={base}",
+             "split=all", "max_examples=3", "max_new_tokens=4", f"output={output}")
+    whole = json.loads(output.read_text())
     assert whole["examples"] == 3 and whole["split"] == "all"

@@ -7,9 +7,8 @@ import torch
 
 from llm_lightning import load_pretrained
 from llm_lightning.adapter import load_adapter
-from llm_lightning.export import main as export_main
 from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
-from tests.train_runner import run_train
+from tests.train_runner import run_tool, run_train
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def test_hf_export_loads_in_transformers(trained, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, checkpoint, input_ids, expected = trained
-    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=hf", f"output_dir={tmp_path}"])
+    run_tool("export", f"ckpt_path={checkpoint}", f"model.source={base}", "format=hf", f"output_dir={tmp_path}")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (merged(input_ids).logits - expected).abs().max().item() <= 1e-4
@@ -51,7 +50,7 @@ def test_peft_export_loads_in_peft(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base, checkpoint, input_ids, expected = trained
-    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=peft", f"output_dir={tmp_path}"])
+    run_tool("export", f"ckpt_path={checkpoint}", f"model.source={base}", "format=peft", f"output_dir={tmp_path}")
     hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(hf_base, tmp_path).eval()
     with torch.no_grad():
@@ -64,18 +63,8 @@ def test_peft_export_loads_in_peft(trained, tmp_path):
 
 def test_meta_export_round_trips(trained, tmp_path):
     base, checkpoint, input_ids, expected = trained
-    export_main([f"ckpt_path={checkpoint}", f"model={base}", "format=meta", f"output_dir={tmp_path}"])
+    run_tool("export", f"ckpt_path={checkpoint}", f"model.source={base}", "format=meta", f"output_dir={tmp_path}")
     assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["consolidated.00.pth", "params.json"]
     merged, _ = load_pretrained(tmp_path)
     with torch.no_grad():
         assert (merged(input_ids) - expected).abs().max().item() <= 1e-4
-
-
-def test_unknown_setting_and_format(trained, capsys):
-    _, checkpoint, _, _ = trained
-    cases = [([f"ckpt_path={checkpoint}", "fromat=hf"], "unknown setting"),
-             ([f"ckpt_path={checkpoint}", "format=onnx", "output_dir=x"], "format=onnx: expected one of")]
-    for argv, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            export_main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 Hugging Face's conversion script permutes the rows of q/k so that rotary embeddings can rotate
 the two halves of each head; we use Meta's adjacent-pair layout, so loading undoes that
-permutation (and exporting re-applies it).
+permutation and saving re-applies it (``permute_qk``, also used for PEFT adapters). Saving writes
+``config.json`` + ``model.safetensors``; ``transformers_twin`` builds the same model in
+``transformers`` for parity tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from llm_lightning.checkpoints.assemble import assemble_model
 from llm_lightning.checkpoints.torch_files import iter_safetensors, load_torch_state_dict
 from llm_lightning.config import LLaMAConfig, RopeScaling
 from llm_lightning.errors import CheckpointError
+from llm_lightning.lora import is_lora_parameter
 from llm_lightning.model import LLaMA
 
 _LAYER_NAMES = {
@@ -168,3 +171,67 @@ def load_hf_checkpoint(directory: Path, *, dtype: torch.dtype, device: torch.dev
             yield meta_name, permute_qk(meta_name, tensor, config, to_hf=False)  # assemble_model checks shapes
 
     return assemble_model(config, converted(), source=str(directory), dtype=dtype, device=device)
+
+
+def hf_config(config: LLaMAConfig, *, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    rope: dict = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        rope = {"rope_theta": config.rope_theta, "rope_type": "llama3", "factor": scaling.factor,
+                "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+                "original_max_position_embeddings": scaling.original_max_seq_len}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "max_position_embeddings": config.max_seq_len,
+        "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope if config.rope_scaling is not None else None,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+    }
+
+
+def hf_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
+    """Base weights (merge LoRA first if it should be included) under HF names, q/k permuted."""
+    return {meta_to_hf_name(name): permute_qk(name, tensor, model.config, to_hf=True).detach().contiguous()
+            for name, tensor in model.state_dict().items() if not is_lora_parameter(name)}
+
+
+def save_hf_checkpoint(model: LLaMA, directory: Path, *, bos_id: int | None = None, eos_id: int | None = None) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(model.config, bos_id=bos_id, eos_id=eos_id), indent=2))
+    save_file({k: v.cpu() for k, v in hf_state_dict(model).items()}, directory / "model.safetensors",
+              metadata={"format": "pt"})
+
+
+def transformers_twin(model: LLaMA):
+    """A ``transformers.LlamaForCausalLM`` with the same weights (for parity tests and benchmarks)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {k: v for k, v in hf_config(model.config).items() if k not in ("architectures", "model_type")}
+    weight = model.tok_embeddings.weight
+    # Not on the meta device: transformers computes its rotary buffers at construction.
+    with torch.device(weight.device):
+        twin = LlamaForCausalLM(LlamaConfig(**settings))
+    state = hf_state_dict(model)
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    twin.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_embeddings:
+        twin.tie_weights()
+    return twin.to(dtype=weight.dtype).eval()

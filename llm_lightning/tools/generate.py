@@ -10,13 +10,13 @@ import contextlib
 import logging
 import sys
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from llm_lightning import cpu_kernels
-from llm_lightning.adapter import find_last_checkpoint, load_adapter
-from llm_lightning.base_model import load_base_model
+from llm_lightning.adapter import load_adapter
+from llm_lightning.checkpoint_paths import resolve_checkpoint
+from llm_lightning.loading import load_base_model
 from llm_lightning.generation import generate as generate_batch
 from llm_lightning.generation import stream
 from llm_lightning.lora import lora_disabled
@@ -33,7 +33,7 @@ def generate(cfg: DictConfig) -> list[str]:
     model, tokenizer = load_base_model(settings.model, dtype=settings.torch_dtype, device=settings.torch_device)
     template_name = settings.template.value if settings.template else "chat"
     if settings.ckpt_path:
-        path = find_last_checkpoint() if settings.ckpt_path == "last" else Path(settings.ckpt_path)
+        path = resolve_checkpoint(settings.ckpt_path, name=settings.name)
         checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
         template_name = (settings.template.value if settings.template
                          else checkpoint.get("provenance", {}).get("template_name", "alpaca"))

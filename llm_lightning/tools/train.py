@@ -22,8 +22,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning import cpu_kernels
-from llm_lightning.base_model import load_base_model
+from llm_lightning.loading import load_base_model
+from llm_lightning.adapter import read_training_checkpoint
 from llm_lightning.callbacks import ResourceMonitor
+from llm_lightning.checkpoint_paths import LAST, resolve_checkpoint
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.dry_run import estimate, format_report
 from llm_lightning.errors import UserFacingError
@@ -45,21 +47,24 @@ def check_precision(trainer_cfg: DictConfig) -> Precision:
     return precision
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``last`` means the newest ``last.ckpt`` of an earlier run with the same name (and sweep job)."""
+def resume_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from; ``last`` is the newest of the earlier runs with this run's
+    name (and, in a sweep, the same job), found next to ``output_dir``."""
+    if ckpt_path is None:
+        return None
     if ckpt_path != "last":
-        if ckpt_path is not None and not Path(ckpt_path).is_file():
-            raise UserFacingError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-        return ckpt_path
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        pattern, root = f"*/{hydra_cfg.sweep.subdir}/checkpoints/last.ckpt", output_dir.parent.parent
+        path = resolve_checkpoint(ckpt_path)
+        if path.is_dir():
+            raise UserFacingError(f"ckpt_path={ckpt_path}: training resumes from a .ckpt file, not an adapter dir")
     else:
-        pattern, root = "*/checkpoints/last.ckpt", output_dir.parent
-    candidates = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise UserFacingError(f"ckpt_path=last: no {pattern} under {root}; nothing to resume")
-    return str(candidates[-1])
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            root, pattern = output_dir.parent.parent, f"*/{hydra_cfg.sweep.subdir}/{LAST}"
+        else:
+            root, pattern = output_dir.parent, f"*/{LAST}"
+        path = resolve_checkpoint("last", root=root, pattern=pattern)
+    read_training_checkpoint(path)  # a corrupt or foreign file is one error line here, not Lightning's traceback
+    return str(path)
 
 
 def wandb_credentials_present() -> bool:
@@ -129,7 +134,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(cpu_kernels.describe())
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
 
     model, tokenizer = load_base_model(cfg.model, dtype=precision.weights_dtype)
     lora = lora_config(cfg.lora)

@@ -1,0 +1,32 @@
+"""What fine-tuning changed, measured: response perplexity and ROUGE-L.
+
+Perplexity is exp(total NLL / total supervised tokens) over the responses, masked exactly as in
+training; ROUGE-L (torchmetrics) compares answers with the reference outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics.text.rouge import ROUGEScore
+
+from llm_lightning.data.batching import collate
+from llm_lightning.data.encoding import Example
+from llm_lightning.loss import model_nll
+from llm_lightning.model import LLaMA
+
+
+@torch.no_grad()
+def perplexity(model: LLaMA, examples: list[Example], *, pad_id: int, batch_size: int = 8) -> float:
+    """exp(summed response NLL / number of supervised tokens), batched with right padding."""
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate([(e, -1) for e in examples[start:start + batch_size]], pad_id=pad_id)
+        loss_sum, n_tokens = model_nll(model, batch["input_ids"], batch["labels"])
+        total_nll, total_tokens = total_nll + loss_sum.item(), total_tokens + int(n_tokens)
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    return float(ROUGEScore(rouge_keys=("rougeL",))(predictions, references)["rougeL_fmeasure"])

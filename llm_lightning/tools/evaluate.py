@@ -1,0 +1,77 @@
+"""``python evaluate.py ckpt_path=<.ckpt | run dir | last> [data.path=FILE] [split=val|all] [max_examples=N]``
+
+Response perplexity and ROUGE-L of greedy answers (``metrics.py``), base model against fine-tuned:
+the base numbers come from the same model with its adapter switched off. By default the data
+settings saved in the checkpoint reproduce the run's validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llm_lightning.adapter import load_adapter
+from llm_lightning.checkpoint_paths import resolve_checkpoint
+from llm_lightning.data import AlpacaDataModule, encode_record, read_records
+from llm_lightning.errors import UserFacingError
+from llm_lightning.generation import generate
+from llm_lightning.loading import load_base_model
+from llm_lightning.lora import lora_disabled
+from llm_lightning.metrics import perplexity, rouge_l
+from llm_lightning.settings import EvaluateSettings, to_settings
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    settings: EvaluateSettings = to_settings(cfg)
+    model, tokenizer = load_base_model(settings.model)
+    path = resolve_checkpoint(settings.ckpt_path, name=settings.name)
+    checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
+    model.eval()
+    saved = (checkpoint.get("AlpacaDataModule") or {}).get("settings", {})
+    overrides = {k: v for k, v in vars(settings.data).items() if v is not None}
+    datamodule = AlpacaDataModule(tokenizer=tokenizer, **{**saved, **overrides})
+    split = settings.split.value
+    if split == "val":
+        datamodule.setup()
+        examples, records = datamodule.val_examples, datamodule.val_records
+    else:  # every record of the file, encoded as training would
+        records, _ = read_records(datamodule.source, skip_invalid=datamodule.skip_invalid)
+        pairs = [(encode_record(r, tokenizer, datamodule.template, max_seq_length=datamodule.max_seq_length,
+                                train_on_inputs=datamodule.train_on_inputs), r)
+                 for r in records[: datamodule.limit or None]]
+        examples, records = [e for e, _ in pairs if e is not None], [r for e, r in pairs if e is not None]
+    if settings.max_examples:
+        examples, records = examples[: settings.max_examples], records[: settings.max_examples]
+    if not examples:
+        raise UserFacingError(f"{datamodule.source}: no examples to evaluate in split={split}")
+    prompts = [datamodule.template.format(r.instruction, r.input) for r in records]
+    references = [r.output for r in records]
+    answer = functools.partial(generate, model, tokenizer, max_new_tokens=settings.max_new_tokens)
+
+    results: dict = {"checkpoint": str(path), "data": datamodule.source, "split": split, "examples": len(examples)}
+    for name, context in (("base", lora_disabled(model)), ("fine_tuned", contextlib.nullcontext())):
+        with context:
+            predictions = []
+            for start in range(0, len(prompts), settings.batch_size):
+                predictions += answer(prompts[start:start + settings.batch_size])
+            results[name] = {
+                "perplexity": perplexity(model, examples, pad_id=tokenizer.pad_id, batch_size=settings.batch_size),
+                "rougeL": rouge_l(predictions, references),
+                "sample": {"prompt": records[0].instruction, "answer": predictions[0], "reference": references[0]},
+            }
+    print(format_table(results))
+    Path(settings.output).write_text(json.dumps(results, indent=2))
+    print(f"wrote {settings.output}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    rows = [f"{results['examples']} examples from {results['data']} ({results['split']})",
+            f"{'':<12}{'perplexity':>12}{'ROUGE-L':>10}"]
+    for name in ("base", "fine_tuned"):
+        rows.append(f"{name:<12}{results[name]['perplexity']:>12.3f}{results[name]['rougeL']:>10.4f}")
+    return "\n".join(rows)

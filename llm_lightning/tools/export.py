@@ -1,0 +1,43 @@
+"""``python export.py ckpt_path=<.ckpt | run dir | last> format=hf|peft|meta output_dir=DIR [model.source=BASE]``
+
+Takes a fine-tuned adapter out of the framework:
+- ``hf``: LoRA merged into the base; ``config.json`` + ``model.safetensors`` + tokenizer files,
+  loadable by ``transformers.AutoModelForCausalLM``;
+- ``peft``: the adapter alone, loadable by ``peft.PeftModel`` on the HF base (``peft_format``);
+- ``meta``: merged weights as ``params.json`` + ``consolidated.00.pth``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from llm_lightning.adapter import load_adapter
+from llm_lightning.checkpoint_paths import resolve_checkpoint
+from llm_lightning.checkpoints.hf_format import save_hf_checkpoint
+from llm_lightning.checkpoints.meta_format import save_meta_checkpoint
+from llm_lightning.checkpoints.peft_format import save_peft_adapter
+from llm_lightning.loading import load_base_model
+from llm_lightning.lora import merge_lora
+from llm_lightning.settings import ExportSettings, to_settings
+
+
+def export(cfg: DictConfig) -> Path:
+    settings: ExportSettings = to_settings(cfg)
+    output = Path(settings.output_dir)
+    model, tokenizer = load_base_model(settings.model)
+    checkpoint = resolve_checkpoint(settings.ckpt_path, name=settings.name)
+    load_adapter(model, tokenizer, checkpoint, force=settings.force_adapter_load)
+    output.mkdir(parents=True, exist_ok=True)
+    if settings.format.value == "peft":
+        save_peft_adapter(model, output, settings.model.source)
+    else:
+        merge_lora(model)
+        if settings.format.value == "hf":
+            save_hf_checkpoint(model, output, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        else:
+            save_meta_checkpoint(model, output)
+        tokenizer.save_hf(output)
+    print(f"exported {settings.format.value} to {output}")
+    return output
