@@ -97,7 +97,7 @@ def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         r, tokenizer, get_template("alpaca"), max_seq_length=args.seq_len)) is not None]
     out = []
     for start in range(0, len(examples) - args.batch + 1, args.batch):
-        batch = collate([(e, -1) for e in examples[start:start + args.batch]], pad_id=tokenizer.pad_id,
+        batch = collate(examples[start:start + args.batch], pad_id=tokenizer.pad_id,
                         pad_to_multiple_of=args.seq_len)
         out.append((batch["input_ids"].to(args.device), batch["labels"].to(args.device)))
     return out

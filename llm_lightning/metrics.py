@@ -22,7 +22,7 @@ def perplexity(model: LLaMA, examples: list[Example], *, pad_id: int, batch_size
     """exp(summed response NLL / number of supervised tokens), batched with right padding."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate([(e, -1) for e in examples[start:start + batch_size]], pad_id=pad_id)
+        batch = collate(examples[start:start + batch_size], pad_id=pad_id)
         loss_sum, n_tokens = model_nll(model, batch["input_ids"], batch["labels"])
         total_nll, total_tokens = total_nll + loss_sum.item(), total_tokens + int(n_tokens)
     return math.exp(total_nll / max(total_tokens, 1))

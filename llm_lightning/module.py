@@ -1,10 +1,12 @@
 """The LightningModule: LoRA fine-tuning with a token-exact loss across gradient accumulation.
 
 Lightning divides every micro-batch loss by ``accumulate_grad_batches`` (and DDP averages over
-ranks), which is a mean of per-batch means: wrong for masked, variable-length sequences. Here each
-micro-batch contributes ``sum(token NLL) / tokens_in_window``, pre-multiplied by the factors
-Lightning and DDP divide by, so an optimizer step sees the mean over every supervised token of
-the whole accumulated (and distributed) batch: ``batch 1 x accumulate 4 == batch 4 x accumulate 1``.
+ranks), which is a mean of per-batch means: wrong for masked, variable-length sequences. Here,
+as torchtune does, each micro-batch backpropagates its summed token NLL (times the factors
+Lightning and DDP divide by) and counts its supervised tokens; at step time, before clipping and
+the optimizer, the gradients are divided by the tokens of the whole window on all ranks. An
+optimizer step therefore sees the mean over every supervised token of the accumulated (and
+distributed) batch: ``batch 1 x accumulate 4 == batch 4 x accumulate 1``.
 
 Checkpoints hold only the LoRA tensors plus optimizer, scheduler, RNG and a provenance record.
 """
@@ -47,6 +49,7 @@ class LoRAFineTuner(L.LightningModule):
         self.val_loss = MeanMetric()  # weighted by supervised tokens, so exp() of it is the perplexity
         self.flops_per_batch = 0
         self._matmul_parameters: int | None = None
+        self._window_tokens = 0  # supervised tokens backpropagated since the last optimizer step, this rank
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -73,14 +76,30 @@ class LoRAFineTuner(L.LightningModule):
                 f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
                 "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
             )
-        window_tokens = batch["window_tokens"].to(loss_sum.device, torch.float32)
-        if self.trainer.world_size > 1:
-            window_tokens = self.trainer.strategy.reduce(window_tokens, reduce_op="sum")
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        self._window_tokens += int(n_tokens)
         mean_loss = loss_sum.detach() / n_tokens.clamp(min=1)
         self.log("train/loss", mean_loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/ppl", mean_loss.exp(), on_step=True, batch_size=batch["input_ids"].shape[0])
-        return loss_sum * scale / window_tokens.clamp(min=1)
+        # A sum over tokens: Lightning's division by the accumulation and DDP's by the ranks are undone
+        # here, and the division by the window's tokens happens at step time (optimizer_step).
+        return loss_sum * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Step with the gradients divided by the supervised tokens of the whole window, all ranks:
+        inside the closure, so that clipping, hooks and a grad scaler all see the mean gradient."""
+
+        def closure():
+            result = optimizer_closure()
+            tokens = torch.tensor(float(self._window_tokens), device=self.device)
+            if self.trainer.world_size > 1:
+                tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            self._window_tokens = 0
+            for parameter in self.model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.div_(tokens.clamp(min=1))
+            return result
+
+        optimizer.step(closure=closure)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=False)

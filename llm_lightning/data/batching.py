@@ -1,12 +1,8 @@
-"""Batching that keeps gradient accumulation exact and resumption deterministic.
+"""Batching that keeps resumption deterministic and padding low.
 
-The loss of an optimizer step is the summed token loss over *all* supervised tokens of the
-accumulation window divided by their count, so ``batch_size=1, accumulate=4`` and
-``batch_size=4, accumulate=1`` give the same gradient. Each micro-batch therefore has to know
-its window's token count before its backward pass: the batch sampler, which already knows
-which examples form the window, attaches that count to every index it yields as
-``(index, window_tokens)``. Shuffling depends only on (seed, epoch), and the sampler can skip
-the batches a resumed run has already consumed.
+Shuffling depends only on (seed, epoch), every rank takes the same number of batches, and the
+sampler can skip the batches a resumed run has already consumed. (Exact gradient accumulation
+needs nothing from here: the module divides the gradients by the window's tokens at step time.)
 
 Given the examples' lengths, batches are grouped by length, as Hugging Face's ``group_by_length``
 does: the shuffled order is cut into megabatches of 50 batches, each sorted by length and cut into
@@ -25,7 +21,7 @@ from llm_lightning.data.encoding import IGNORE_INDEX, Example
 
 
 class ExampleDataset(Dataset):
-    """Encoded examples, indexed by ``(index, window_tokens)`` pairs from the batch sampler."""
+    """Encoded examples, indexed by the batch sampler."""
 
     def __init__(self, examples: Sequence[Example]) -> None:
         self.examples = list(examples)
@@ -33,22 +29,20 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Example, int]:
-        index, window_tokens = key if isinstance(key, tuple) else (key, -1)
-        return self.examples[index], window_tokens
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
 
 
-class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Seeded, epoch-dependent batches that carry their accumulation window's supervised token count."""
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """Seeded, epoch-dependent batches of ``count`` examples, grouped by length when given lengths."""
 
     MEGABATCH = 50  # batches per length-sorted group
 
-    def __init__(self, supervised_tokens: Sequence[int], *, batch_size: int, accumulate: int = 1,
-                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 lengths: Sequence[int] | None = None) -> None:
-        self.supervised_tokens = list(supervised_tokens)
+    def __init__(self, count: int, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, lengths: Sequence[int] | None = None) -> None:
+        self.count = count
         self.lengths = list(lengths) if lengths is not None else None
-        self.batch_size, self.accumulate = batch_size, max(1, accumulate)
+        self.batch_size = batch_size
         self.shuffle, self.seed = shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -63,7 +57,7 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
         self.skip = count
 
     def _indices(self) -> list[int]:
-        total = len(self.supervised_tokens)
+        total = self.count
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(total, generator=generator).tolist()
@@ -81,43 +75,30 @@ class WindowBatchSampler(Sampler[list[tuple[int, int]]]):
             batches.extend(ordered[i:i + self.batch_size] for i in range(0, len(ordered), self.batch_size))
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
-    def batches(self) -> list[list[tuple[int, int]]]:
+    def batches(self) -> list[list[int]]:
         indices = self._indices()
         if self.shuffle and self.lengths is not None:
-            plain = self._grouped_by_length(indices)
-        else:
-            plain = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        result = []
-        for start in range(0, len(plain), self.accumulate):
-            window = plain[start:start + self.accumulate]
-            tokens = sum(self.supervised_tokens[i] for batch in window for i in batch)
-            result.extend([[(i, tokens) for i in batch] for batch in window])
-        return result
+            return self._grouped_by_length(indices)
+        return [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches()[self.skip:]
         self.skip = 0
         return iter(batches)
 
     def __len__(self) -> int:
-        per_rank = len(self.supervised_tokens) // self.world_size
+        per_rank = self.count // self.world_size
         return (per_rank + self.batch_size - 1) // self.batch_size
 
 
-def collate(items: list[tuple[Example, int]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+def collate(items: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padded label positions are IGNORE_INDEX by position,
     never by comparing token ids with pad_id, so a real EOS is always supervised."""
-    longest = max(len(example.input_ids) for example, _ in items)
+    longest = max(len(example.input_ids) for example in items)
     longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
-    for row, (example, _) in enumerate(items):
+    for row, example in enumerate(items):
         input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
         labels[row, : len(example.labels)] = torch.tensor(example.labels)
-    window = items[0][1]
-    batch_tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "window_tokens": torch.tensor(window if window > 0 else batch_tokens),
-    }
+    return {"input_ids": input_ids, "labels": labels}

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm_lightning.data.audit import DataAudit, audit
-from llm_lightning.data.batching import ExampleDataset, WindowBatchSampler, collate
+from llm_lightning.data.batching import ExampleDataset, ShuffledBatchSampler, collate
 from llm_lightning.data.encoding import Example, encode_record
 from llm_lightning.data.records import BUNDLED_SAMPLE, DataError, Record, download, is_url, read_records
 from llm_lightning.prompts import get_template
@@ -121,11 +121,10 @@ class AlpacaDataModule(L.LightningDataModule):
     def _collate(self):
         return functools.partial(collate, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
-    def train_sampler(self) -> WindowBatchSampler:
+    def train_sampler(self) -> ShuffledBatchSampler:
         trainer = self.trainer
-        sampler = WindowBatchSampler(
-            [e.supervised_tokens for e in self.train_examples], batch_size=self.batch_size,
-            accumulate=trainer.accumulate_grad_batches if trainer else 1, shuffle=True, seed=self.seed,
+        sampler = ShuffledBatchSampler(
+            len(self.train_examples), batch_size=self.batch_size, shuffle=True, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
             lengths=[len(e.input_ids) for e in self.train_examples] if self.group_by_length else None,
         )
@@ -147,8 +146,7 @@ class AlpacaDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.val_examples:
             return DataLoader([])
-        sampler = WindowBatchSampler([e.supervised_tokens for e in self.val_examples],
-                                     batch_size=self.eval_batch_size, shuffle=False)
+        sampler = ShuffledBatchSampler(len(self.val_examples), batch_size=self.eval_batch_size, shuffle=False)
         return DataLoader(ExampleDataset(self.val_examples), batch_sampler=sampler,
                           collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
 
