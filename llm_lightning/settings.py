@@ -128,13 +128,19 @@ def torch_device(name: str) -> torch.device:
 
 
 @dataclass
-class GenerateSettings:
-    """``generate.py``: what to load, what to ask, and how to sample (see conf/generate.yaml)."""
+class AdapterSettings:
+    """What the sampling and adapter tools share: the base model, and the adapter put on it."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
-    ckpt_path: Optional[str] = None
+    ckpt_path: Optional[str] = None  # a .ckpt, a run dir, a PEFT adapter dir, or last (checkpoint_paths.py)
     name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
     force_adapter_load: bool = False
+
+
+@dataclass
+class GenerateSettings(AdapterSettings):
+    """``generate.py``: what to load, what to ask, and how to sample (see conf/generate.yaml)."""
+
     prompt: str = "What is the capital of France?"
     prompts_file: Optional[str] = None
     template: Optional[TemplateName] = None
@@ -208,13 +214,9 @@ class EvaluateDataOverrides:
 
 
 @dataclass
-class EvaluateSettings:
+class EvaluateSettings(AdapterSettings):
     """``evaluate.py``: which adapter, which examples, how long the answers."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    ckpt_path: Optional[str] = None
-    name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
-    force_adapter_load: bool = False
     data: EvaluateDataOverrides = field(default_factory=EvaluateDataOverrides)
     split: Split = Split.val
     max_examples: Optional[int] = None
@@ -229,13 +231,9 @@ class EvaluateSettings:
 
 
 @dataclass
-class ExportSettings:
+class ExportSettings(AdapterSettings):
     """``export.py``: which adapter, which format, where to."""
 
-    model: ModelSettings = field(default_factory=ModelSettings)
-    ckpt_path: Optional[str] = None
-    name: Optional[str] = None  # scopes ckpt_path=last to outputs/<name>
-    force_adapter_load: bool = False
     format: ExportFormat = ExportFormat.hf
     output_dir: Optional[str] = None
 
