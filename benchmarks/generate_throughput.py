@@ -2,7 +2,7 @@
 
     python benchmarks/generate_throughput.py                       # the embedded SmolLM2-135M, CPU
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16
-    python benchmarks/generate_throughput.py --pack                                  # as generate.py on CPU
+    python benchmarks/generate_throughput.py --quantize auto --pack                  # as generate.py by default on CPU
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
 
@@ -22,11 +22,11 @@ import time
 import torch
 
 from ab_rounds import alternate, format_ratio, machine, speed_ratio
-from llm_lightning import LLaMA, LLaMAConfig, generate, load_pretrained
+from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels, generate, load_pretrained
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.prompts import get_template
-from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
+from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
 
 HBM_BYTES_PER_SECOND = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -76,8 +76,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--their-dtype", default=None,
                         help="run transformers in another dtype (default: --dtype), e.g. ours bf16 vs its fp32")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="our side only: weight-only int8 (quantize.py), as generate.py quantize=int8")
+    parser.add_argument("--quantize", choices=["auto", "int8", "int4"], default=None,
+                        help="our side only: weight-only int8 or int4 (quantize.py), as generate.py quantize=...; "
+                             "auto: int4 where the weights are 4-bit codes, as generate.py does by default")
     parser.add_argument("--pack", action="store_true",
                         help="our side only: as generate.py on CPU, oneDNN-packed weights where cpu_kernels "
                              "measured them faster here")
@@ -91,9 +92,12 @@ def main() -> None:
     model, tokenizer = build(args)
     report = machine(args.device)
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
+    if args.quantize == "auto":  # generate.py's default rule on CPU (tools/generate.py: stored_in_int4)
+        stored = args.device == "cpu" and cpu_kernels.decision("int4_matmul") and holds_int4_codes(model)
+        args.quantize = "int4" if stored else None
     packed = args.pack and args.quantize is None and can_pack_weights(model)
-    if args.quantize == "int8":
-        quantize_int8(model)
+    if args.quantize is not None:
+        {"int8": quantize_int8, "int4": quantize_int4}[args.quantize](model)
     elif packed:
         pack_weights(model)
     if args.their_dtype:

@@ -1,8 +1,9 @@
 """Every fast CPU path of the project, each switched on only where it works and pays.
 
 PyTorch ships more CPU matrix-product kernels than its public ops choose between: oneDNN's fp32
-product (``torch.ops.mkldnn._linear_pointwise``), oneDNN's reordered ("packed") weights, and an
-int8 weight kernel (``torch._weight_int8pack_mm``). Which of them is faster than plain
+product (``torch.ops.mkldnn._linear_pointwise``), oneDNN's reordered ("packed") weights, an int8
+weight kernel (``torch._weight_int8pack_mm``) and a group-wise int4 one
+(``aten._weight_int4pack_mm_for_cpu``). Which of them is faster than plain
 ``F.linear`` (MKL for fp32) depends on the CPU, not on its vendor: measured with SmolLM2's shapes,
 oneDNN's fp32 product ran at 2x MKL's rate on a Zen 5 EPYC, at MKL's rate on a Sapphire Rapids
 Xeon and below it for one-row products; packed bf16 weights decoded 1.5x faster on the Zen 5 and
@@ -79,6 +80,21 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor)
     return torch._weight_int8pack_mm(x, weight_int8, scale)
 
 
+#: Rows of a column block in PyTorch's int4 CPU layout (``innerKTiles``), as its own CPU tests use.
+INT4_INNER_K_TILES = 2
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [out, in] (values 0-15) in the layout of PyTorch's int4 CPU kernel."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), INT4_INNER_K_TILES)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """x [N, in] @ W.T with W[o, i] = (code - 8) * scale[g, o] + zero[g, o], g = i // group_size;
+    ``scale_and_zero`` is [in / group_size, out, 2] in x's dtype."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+
+
 # -- trials: the private op on a tiny case against the portable op --------------------------------
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -118,6 +134,11 @@ def int8_supported() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
+def int4_supported() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
 def trial_onednn_linear(dtype: torch.dtype = torch.float32) -> Decision:
     x, weight, bias = _tiny_case(dtype)
     return _trial(lambda: (onednn_linear(x, weight, bias), F.linear(x, weight, bias)), dtype)
@@ -148,6 +169,18 @@ def trial_int8_linear() -> Decision:
     scale = torch.rand(48, generator=torch.Generator().manual_seed(2)).add(0.5).to(torch.bfloat16) / 127
     return _trial(lambda: (int8_linear(x, weight_int8, scale),
                            F.linear(x.float(), weight_int8.float() * scale.float()[:, None])), torch.bfloat16)
+
+
+def trial_int4_linear() -> Decision:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 64, generator=generator).to(torch.bfloat16)
+    codes = torch.randint(0, 16, (48, 64), generator=generator)
+    scale = torch.rand(2, 48, generator=generator).add(0.5) / 16
+    zero = torch.randn(2, 48, generator=generator) / 8
+    weight = (codes.float() - 8).view(48, 2, 32) * scale.t()[:, :, None] + zero.t()[:, :, None]
+    scale_and_zero = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+    return _trial(lambda: (int4_linear(x, pack_int4(codes), 32, scale_and_zero),
+                           F.linear(x.float(), weight.view(48, 64))), torch.bfloat16)
 
 
 # -- measurements: the private op against the portable one, in a shape class ----------------------
@@ -208,6 +241,8 @@ def decision(path: str) -> Decision:
         x, weights = _vector_case(dtype)
         packed, plain = [pack(w) for w in weights], linear_function(x, weights[0])
         return _measured(lambda: [onednn_linear(x, p) for p in packed * 4], lambda: [plain(x, w) for w in weights * 4])
+    if path == "int4_matmul":
+        return trial_int4_linear() if int4_supported() else Decision(False, "this PyTorch has no int4 CPU kernel")
     if not int8_supported():  # int8_matmul
         return Decision(False, "this PyTorch has no int8 weight kernel")
     return trial_int8_linear()
@@ -220,6 +255,7 @@ PATHS = {
     "packed_fp32": "sampling with fp32 weights reordered by oneDNN (generate.py pack_weights)",
     "packed_bf16": "sampling with bf16 weights reordered by oneDNN (generate.py pack_weights)",
     "int8_matmul": "quantize=int8 products by PyTorch's int8 weight kernel (else dequantised per call)",
+    "int4_matmul": "quantize=int4 products by PyTorch's int4 CPU kernel (else dequantised per call)",
 }
 
 

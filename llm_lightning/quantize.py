@@ -1,4 +1,4 @@
-"""Sampling-only rewrites of the linear layers: weight-only int8, and oneDNN-packed weights.
+"""Sampling-only rewrites of the linear layers: weight-only int8 or int4, and oneDNN-packed weights.
 
 Batch-1 decoding reads every weight once per token, so its speed is the speed of matrix-vector
 products, bound by memory. Weight-only int8 reads a quarter of fp32's bytes: ``quantize_int8`` replaces every linear layer (and the output head,
@@ -7,6 +7,11 @@ per row (symmetric, absmax / 127), multiplied by PyTorch's own int8 weight kerne
 ``cpu_kernels`` found it working (bf16 activations: 4-7x the fp32 product's speed on a Zen 5 EPYC,
 1.5x on a Sapphire Rapids Xeon, on SmolLM2's shapes); the rest of the model keeps its dtype, and so
 does the embedding lookup.
+
+``quantize_int4`` stores each base matrix as 4-bit codes with a scale and a zero per group of 32
+inputs (``Int4Linear``): the layout of llama.cpp's Q4_1, so a matrix read from a Q4_1 GGUF file
+(the embedded model's) gets back its own codes and loses only the rounding of its scales to bf16;
+the head and any layer an adapter was merged into get ``Int8Linear``, which keeps the update.
 
 For sampling only: run it after an adapter is loaded (LoRA layers are merged first); the
 result cannot train, export or switch its adapter off. torchao offers the same quantisation
@@ -59,27 +64,106 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
+def int4_codes(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes 0-15 [out, in], scale [out, in / group], low [out, in / group]) with
+    weight ~ codes * scale + low per group: llama.cpp's Q4_1 rule (low = min, scale = (max - min) / 15)."""
+    groups = weight.detach().float().view(weight.shape[0], -1, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).view(weight.shape)
+    return codes, scale, low
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W[o, i] = (code[o, i] - 8) * scale[o, g] + zero[o, g], g = i // group_size:
+    asymmetric 4-bit codes from each group's min and max (so the min and max are exact)."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 32) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        codes, scale, low = int4_codes(weight, group_size)
+        # [in / group, out, 2] in bf16, as the kernel takes them; zero is the value of code 8.
+        self.register_buffer("scale_and_zero", torch.stack([scale, low + 8 * scale], dim=-1)
+                             .transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.kernel = weight.device.type == "cpu" and bool(cpu_kernels.decision("int4_matmul"))
+        self.register_buffer("codes", cpu_kernels.pack_int4(codes) if self.kernel else codes.to(torch.uint8))
+
+    @staticmethod
+    def fits(weight: torch.Tensor, group_size: int = 32) -> bool:
+        """Shapes the kernel takes: whole groups of inputs, outputs in blocks of 16."""
+        return weight.shape[1] % group_size == 0 and weight.shape[0] % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel:  # bf16 activations, as for int8: the kernel is 20x slower with fp32 ones
+            out = cpu_kernels.int4_linear(flat.to(torch.bfloat16), self.codes, self.group_size, self.scale_and_zero)
+        else:  # correct everywhere, fast only where the kernel exists
+            out = F.linear(flat, self.dequantized().to(x.dtype))
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.kernel:  # the kernel's own answer for an identity input
+            return cpu_kernels.int4_linear(torch.eye(self.in_features, dtype=torch.bfloat16), self.codes,
+                                           self.group_size, self.scale_and_zero).float().t()
+        scale, zero = self.scale_and_zero.float().transpose(0, 1).unbind(-1)
+        groups = (self.codes.float().view(self.out_features, -1, self.group_size) - 8) * scale[..., None]
+        return (groups + zero[..., None]).view(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
 @torch.no_grad()
-def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module]) -> LLaMA:
+def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module],
+                          make_adapted: Callable[[torch.Tensor], nn.Module] | None = None,
+                          make_head: Callable[[torch.Tensor], nn.Module] | None = None) -> LLaMA:
     """Replace every linear layer and the output head by ``make(weight)``, in place, for sampling only.
 
-    LoRA layers are merged first; a tied head gets its own copy and the lookup keeps the table."""
+    LoRA layers are merged first and go to ``make_adapted`` (default ``make``); the head goes to
+    ``make_head`` (default ``make``), a tied one gets its own copy and the lookup keeps the table."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
+                factory = make
                 if isinstance(child, LoRALinear):
                     child.merge()
+                    factory = make_adapted or make
+                if child is model.output:
+                    factory = make_head or make
                 if child.bias is not None:
                     raise ValueError(f"{name}: sampling layers have no bias; LLaMA linear layers have none")
-                setattr(module, name, make(child.weight))
+                setattr(module, name, factory(child.weight))
     if model.output is None:
-        model.output = make(model.tok_embeddings.weight)
+        model.output = (make_head or make)(model.tok_embeddings.weight)
     return model
 
 
 def quantize_int8(model: LLaMA) -> LLaMA:
     """Replace every linear layer and the output head by ``Int8Linear``, in place; returns the model."""
     return replace_linear_layers(model, Int8Linear)
+
+
+@torch.no_grad()
+def holds_int4_codes(model: LLaMA, group_size: int = 32) -> bool:
+    """Whether every base matrix is exactly 4-bit codes with a scale and minimum per group (as
+    loaded from a Q4_1 GGUF file): then ``quantize_int4`` stores what the file held, not less."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and module is not model.output:
+            weight = module.weight
+            if not Int4Linear.fits(weight, group_size):
+                return False
+            codes, scale, low = int4_codes(weight, group_size)
+            rebuilt = (codes.view(weight.shape[0], -1, group_size) * scale[..., None] + low[..., None]).view(weight.shape)
+            if (rebuilt - weight.float()).abs().max() > 1e-5 * weight.abs().max():
+                return False
+    return True
+
+
+def quantize_int4(model: LLaMA) -> LLaMA:
+    """Base matrices to ``Int4Linear`` (group 32), the head and adapted layers to ``Int8Linear``, in place."""
+    return replace_linear_layers(model, lambda w: Int4Linear(w) if Int4Linear.fits(w) else Int8Linear(w),
+                                 make_adapted=Int8Linear, make_head=Int8Linear)
 
 
 def can_pack_weights(model: LLaMA) -> bool:

@@ -22,7 +22,7 @@ from llm_lightning.sampling import SamplingOptions
 
 DType = Enum("DType", {name: name for name in ("float32", "bfloat16", "float16")})
 TemplateName = Enum("TemplateName", {name: name for name in TEMPLATES})
-Quantize = Enum("Quantize", {"int8": "int8"})
+Quantize = Enum("Quantize", {name: name for name in ("auto", "int8", "int4")})
 
 
 @dataclass
@@ -156,7 +156,7 @@ class GenerateSettings(AdapterSettings):
     batch_size: int = 8
     device: str = "cpu"
     dtype: DType = DType.float32
-    quantize: Optional[Quantize] = None
+    quantize: Optional[Quantize] = Quantize.auto
     pack_weights: bool = True
     compile: bool = False
 
@@ -171,7 +171,7 @@ class GenerateSettings(AdapterSettings):
             raise SettingError("prompt is empty: expected prompt=\"...\" or prompts_file=FILE")
         if self.compare and not self.ckpt_path:
             raise SettingError("compare=true needs ckpt_path=... (an adapter to compare with the base model)")
-        if self.quantize is not None and self.compare:
+        if self.quantize is not None and self.quantize.value != "auto" and self.compare:
             raise SettingError(f"quantize={self.quantize.value} merges the adapter into quantized weights; "
                                "it cannot compare=true")
         self.torch_device = torch_device(self.device)

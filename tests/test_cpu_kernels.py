@@ -39,6 +39,12 @@ def test_int8_kernel_matches_the_dequantized_product():
     assert decision, decision.reason
 
 
+@needs(cpu_kernels.int4_supported(), "the int4 CPU kernel")
+def test_int4_kernel_matches_the_dequantized_product():
+    decision = cpu_kernels.trial_int4_linear()
+    assert decision.on, decision.reason
+
+
 def test_trial_refuses_a_failing_or_wrong_kernel():
     def fails():
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert\nmore")

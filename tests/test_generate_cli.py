@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from llm_lightning import cpu_kernels
 from tests.train_runner import REPO, TINY, run_train
 
 
@@ -23,6 +24,9 @@ def test_base_model_answers(dtype):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in result.stdout and "tokens/s" in result.stderr
     assert result.stderr.startswith("[cpu kernels: ")  # which fast paths this machine chose, in one line
+    # quantize=auto: the embedded Q4_1 matrices are sampled from their own 4-bit codes (exact in fp32 only)
+    stored = dtype == "float32" and cpu_kernels.decision("int4_matmul")
+    assert ("[weights: int4 (quantize=auto" in result.stderr) == bool(stored)
 
 
 def test_adapter_from_training_checkpoint(tmp_path):

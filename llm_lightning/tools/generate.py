@@ -22,8 +22,16 @@ from llm_lightning.generation import stream
 from llm_lightning.lora import lora_disabled
 from llm_lightning.prompt_files import read_prompts
 from llm_lightning.prompts import get_template
-from llm_lightning.quantize import can_pack_weights, pack_weights, quantize_int8
+from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
 from llm_lightning.settings import GenerateSettings, to_settings
+
+
+def stored_in_int4(settings: GenerateSettings, model) -> bool:
+    """``quantize=auto``: sample from int4 codes when the weights are exactly such codes (a Q4_1
+    GGUF file, as the embedded model is) and the CPU's int4 kernel works: the file's own precision,
+    1.7x transformers' fp32 decoding here. Not on a GPU, nor with compare=true or compile=true."""
+    return (settings.torch_device.type == "cpu" and not settings.compare and not settings.compile
+            and bool(cpu_kernels.decision("int4_matmul")) and holds_int4_codes(model))
 
 
 def generate(cfg: DictConfig) -> list[str]:
@@ -38,12 +46,19 @@ def generate(cfg: DictConfig) -> list[str]:
         template_name = (settings.template.value if settings.template
                          else checkpoint.get("provenance", {}).get("template_name", "alpaca"))
         print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template_name}]", file=sys.stderr)
-    if settings.quantize is not None:
-        quantize_int8(model)
+    quantize = settings.quantize.value if settings.quantize else None
+    if quantize == "auto":
+        quantize = "int4" if stored_in_int4(settings, model) else None
+    if quantize is not None:
+        {"int8": quantize_int8, "int4": quantize_int4}[quantize](model)
     elif settings.pack_weights and not settings.compare and not settings.compile and can_pack_weights(model):
         pack_weights(model)  # exact: the same products from a oneDNN weight layout
     if settings.torch_device.type == "cpu":
         print(cpu_kernels.describe(), file=sys.stderr)
+    if quantize is not None:
+        auto = " (quantize=auto: the file's own 4-bit codes; quantize=null for fp32 products)" if (
+            settings.quantize.value == "auto") else ""
+        print(f"[weights: {quantize}{auto}]", file=sys.stderr)
     template = get_template(template_name)
     prompts = [template.format(instruction, input) for instruction, input in pairs]
     sampling = settings.sampling
