@@ -73,9 +73,8 @@ def embedded_fp32_and_int8():
     return reference, quantized, tokenizer
 
 
-def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
-    """Against fp32 on a real answer: measured KL 0.005 and 97% top-1 agreement (bf16 alone: 96%)."""
-    reference, quantized, tokenizer = embedded_fp32_and_int8
+def divergence_on_a_real_answer(reference, quantized, tokenizer) -> tuple[float, float]:
+    """(mean KL(reference || quantized), top-1 agreement) over fp32's own 64-token answer to a story prompt."""
     prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
     answer = generate(reference, tokenizer, prompt, max_new_tokens=64)
     ids = torch.tensor([tokenizer.encode(prompt + answer)])
@@ -83,7 +82,13 @@ def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
         expected = torch.log_softmax(reference(ids).float(), -1)
         got = torch.log_softmax(quantized(ids).float(), -1)
     kl = (expected.exp() * (expected - got)).sum(-1).mean()
-    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    return float(kl), float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+
+
+def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
+    """Against fp32 on a real answer: measured KL 0.005 and 97% top-1 agreement (bf16 alone: 96%)."""
+    reference, quantized, tokenizer = embedded_fp32_and_int8
+    kl, agreement = divergence_on_a_real_answer(reference, quantized, tokenizer)
     assert kl < 0.02 and agreement > 0.93, (kl, agreement)
     assert "Paris" in generate(quantized, tokenizer, get_template("chat").format("What is the capital of France?"),
                                max_new_tokens=16)
@@ -160,14 +165,7 @@ def test_embedded_model_in_int4_keeps_its_predictions(embedded_fp32_and_int8):
     from fp32 by the bf16 activations and scales and the int8 head."""
     reference, _, tokenizer = embedded_fp32_and_int8
     quantized = quantize_int4(load_pretrained(None)[0])
-    prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
-    answer = generate(reference, tokenizer, prompt, max_new_tokens=64)
-    ids = torch.tensor([tokenizer.encode(prompt + answer)])
-    with torch.no_grad():
-        expected = torch.log_softmax(reference(ids).float(), -1)
-        got = torch.log_softmax(quantized(ids).float(), -1)
-    kl = (expected.exp() * (expected - got)).sum(-1).mean()
-    agreement = (got.argmax(-1) == expected.argmax(-1)).float().mean()
+    kl, agreement = divergence_on_a_real_answer(reference, quantized, tokenizer)
     assert kl < 0.02 and agreement > 0.93, (kl, agreement)
     # measured: KL 0.002, 99% top-1; the same 64 greedy tokens with AVX-512 kernels, 55 with AVX2 ones
 
