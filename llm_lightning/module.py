@@ -49,7 +49,9 @@ class LoRAFineTuner(L.LightningModule):
         self.val_loss = MeanMetric()  # weighted by supervised tokens, so exp() of it is the perplexity
         self.flops_per_batch = 0
         self._matmul_parameters: int | None = None
-        self._window_tokens = 0  # supervised tokens backpropagated since the last optimizer step, this rank
+        # Supervised tokens backpropagated since the last optimizer step, this rank: a tensor, so that
+        # counting adds no host-device sync per micro-batch.
+        self._window_tokens: torch.Tensor | int = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -76,7 +78,7 @@ class LoRAFineTuner(L.LightningModule):
                 f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
                 "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
             )
-        self._window_tokens += int(n_tokens)
+        self._window_tokens = self._window_tokens + n_tokens.detach()
         mean_loss = loss_sum.detach() / n_tokens.clamp(min=1)
         self.log("train/loss", mean_loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.log("train/ppl", mean_loss.exp(), on_step=True, batch_size=batch["input_ids"].shape[0])
@@ -90,7 +92,7 @@ class LoRAFineTuner(L.LightningModule):
 
         def closure():
             result = optimizer_closure()
-            tokens = torch.tensor(float(self._window_tokens), device=self.device)
+            tokens = torch.as_tensor(self._window_tokens, dtype=torch.float32, device=self.device)
             if self.trainer.world_size > 1:
                 tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
             self._window_tokens = 0
