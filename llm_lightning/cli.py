@@ -51,6 +51,12 @@ def one_line(error: BaseException) -> str:
     return "; ".join([line, *hints])
 
 
+def exit_with(error: BaseException) -> None:
+    """``error: <one line>`` on stderr, exit code 2."""
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
 def user_wants_tracebacks() -> bool:
     return os.environ.get(FULL_ERROR) == "1"
 
@@ -65,8 +71,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         except UserFacingError as error:
             if user_wants_tracebacks():
                 raise
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            sys.exit(2)
+            exit_with(error)
 
     return wrapper
 
@@ -90,11 +95,10 @@ def hydra_tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Call
             os.environ[FULL_ERROR] = "1"  # Hydra then raises composition errors instead of printing them
             try:
                 hydra_main()
-            except (HydraException, OmegaConfBaseException, UserFacingError) as error:
+            except (HydraException, OmegaConfBaseException) as error:  # the task's own are caught inside it
                 if saved[FULL_ERROR] == "1":
                     raise
-                print(f"error: {one_line(error)}", file=sys.stderr)
-                sys.exit(2)
+                exit_with(error)
             finally:
                 _restore(saved)
 
