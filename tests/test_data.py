@@ -142,6 +142,21 @@ def test_sampler_order_depends_on_seed_and_epoch_and_skips_consumed_batches():
     assert first == list(shuffled)
 
 
+def test_sampler_state_resumes_at_the_first_unconsumed_batch_and_rolls_over_a_finished_epoch():
+    uninterrupted = ShuffledBatchSampler(7, batch_size=2, seed=3)
+    uninterrupted.set_epoch(1)
+    epoch_one = list(uninterrupted)
+    state = uninterrupted.state_dict(consumed_batches=2)
+    assert state == {"epoch": 1, "consumed_batches": 2}
+    resumed = ShuffledBatchSampler(7, batch_size=2, seed=3)
+    resumed.load_state_dict(state)
+    assert list(resumed) == epoch_one[2:]
+    assert list(resumed) == epoch_one  # the skip applies to one iteration only
+    resumed.load_state_dict({"epoch": 1, "consumed_batches": 4})
+    uninterrupted.set_epoch(2)
+    assert resumed.epoch == 2 and list(resumed) == list(uninterrupted)
+
+
 def padded_tokens(batches, lengths) -> int:
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 

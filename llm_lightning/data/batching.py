@@ -56,6 +56,19 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         """Drop the first ``count`` batches of the next iteration (those consumed before a resume)."""
         self.skip = count
 
+    def state_dict(self, consumed_batches: int) -> dict[str, int]:
+        """Where an iteration stands. The caller says how many batches training consumed: a loader
+        that prefetches has drawn more from this sampler than the model has seen."""
+        return {"epoch": self.epoch, "consumed_batches": consumed_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state``: the next iteration starts at the first batch not yet consumed."""
+        epoch, consumed = state["epoch"], state["consumed_batches"]
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        self.set_epoch(epoch)
+        self.skip_batches(consumed)
+
     def _indices(self) -> list[int]:
         total = self.count
         if self.shuffle:

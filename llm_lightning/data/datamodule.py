@@ -53,15 +53,19 @@ class AlpacaDataModule(L.LightningDataModule):
         self.val_examples: list[Example] = []
         self.val_records: list[Record] = []
         self.report: DataAudit | None = None
+        self._train_sampler: ShuffledBatchSampler | None = None
         self._resume: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the data: saved in every checkpoint, read back on resume."""
         if self.trainer is None:
             return {}
-        return {"epoch": self.trainer.current_epoch,
-                "consumed_batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-                "settings": self.settings()}
+        state = {"settings": self.settings()}
+        if self._train_sampler is not None:
+            # Lightning prefetches a batch, so the loop's count, not the sampler's, says what was consumed.
+            consumed = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state.update(self._train_sampler.state_dict(consumed_batches=consumed))
+        return state
 
     def settings(self) -> dict:
         """What reproduces this split and encoding (evaluation reads it back from the checkpoint)."""
@@ -70,7 +74,7 @@ class AlpacaDataModule(L.LightningDataModule):
                 "seed": self.seed, "skip_invalid": self.skip_invalid}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = {k: state[k] for k in ("epoch", "consumed_batches")} if state else None
+        self._resume = state if state and "consumed_batches" in state else None
 
     def prepare_data(self) -> None:
         """Download a URL source once (rank 0 only, as Lightning calls this)."""
@@ -130,13 +134,11 @@ class AlpacaDataModule(L.LightningDataModule):
         )
         if self._resume:
             # Lightning builds (and starts iterating) this loader before it restores the loops of a
-            # resumed run, and never skips what was consumed: position the sampler here instead.
-            epoch, consumed = self._resume["epoch"], self._resume["consumed_batches"]
-            if consumed >= len(sampler):
-                epoch, consumed = epoch + 1, 0
-            sampler.set_epoch(epoch)
-            sampler.skip_batches(consumed)
+            # resumed run, and drops a stateful loader's saved state when configure_optimizers reads
+            # estimated_stepping_batches (Lightning issue 20550): position the sampler here instead.
+            sampler.load_state_dict(self._resume)
             self._resume = None
+        self._train_sampler = sampler
         return sampler
 
     def train_dataloader(self) -> DataLoader:
