@@ -102,7 +102,7 @@ def main() -> None:
         pack_weights(model)
     if args.their_dtype:
         twin = twin.to(getattr(torch, args.their_dtype))
-    prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
+    prompt = get_template("auto", tokenizer).format("Write a short story about a lighthouse keeper.")
     prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
     time_ours(model, tokenizer, prompt, 16, args.device, args.compile)  # warm-up both sides (and compile)
     time_theirs(twin, prompt_ids, 16, args.device)

@@ -32,7 +32,7 @@ from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
 from llm_lightning.data.batching import collate
-from llm_lightning.data.encoding import IGNORE_INDEX, encode_record
+from llm_lightning.data.encoding import IGNORE_INDEX, encode_conversation
 from llm_lightning.data.records import read_records
 from llm_lightning.linear import matmul_transposed
 from llm_lightning.lora import LoRAConfig, apply_lora
@@ -93,8 +93,9 @@ def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(ids, ids)]
     tokenizer = embedded_tokenizer()
     records, _ = read_records(args.data)
-    examples = [e for r in records if (e := encode_record(
-        r, tokenizer, get_template("alpaca"), max_seq_length=args.seq_len)) is not None]
+    template = get_template("alpaca", tokenizer)
+    examples = [e for r in records if (e := encode_conversation(
+        r, tokenizer, template, max_seq_length=args.seq_len)) is not None]
     out = []
     for start in range(0, len(examples) - args.batch + 1, args.batch):
         batch = collate(examples[start:start + args.batch], pad_id=tokenizer.pad_id,

@@ -15,7 +15,7 @@ from llm_lightning.checkpoints.peft_format import is_peft_adapter, load_peft_ada
 from llm_lightning.errors import CheckpointError
 from llm_lightning.lora import LoRAConfig, apply_lora, load_lora_state_dict
 from llm_lightning.model import LLaMA
-from llm_lightning.prompts import get_template
+from llm_lightning.prompts import ChatTemplate, bind, get_template
 from llm_lightning.provenance import build_provenance, check_provenance
 from llm_lightning.tokenizer import Tokenizer
 
@@ -44,8 +44,7 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
         return load_peft_adapter(model, path)
     checkpoint = read_training_checkpoint(path)
     provenance = checkpoint.get("provenance") or {}
-    template = get_template(provenance.get("template_name", "alpaca"))
-    check_provenance(provenance, build_provenance(model, tokenizer, template), source=str(path), force=force,
+    check_provenance(provenance, build_provenance(model, tokenizer), source=str(path), force=force,
                      keys=("base_weights", "tokenizer"))
     settings = dict(checkpoint["lora_config"])
     apply_lora(model, LoRAConfig(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
@@ -56,3 +55,31 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return checkpoint
+
+
+def trained_template(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate | None:
+    """The chat template the adapter was trained with, as it rendered then (None for a PEFT
+    adapter, which records none)."""
+    provenance = checkpoint.get("provenance") or {}
+    if provenance.get("chat_template"):
+        return bind(provenance.get("template_name", "custom"), provenance["chat_template"], tokenizer)
+    if provenance.get("template_name"):  # checkpoints written before the template itself was recorded
+        return get_template(provenance["template_name"], tokenizer)
+    return None
+
+
+def choose_template(requested: str | None, checkpoint: dict[str, Any] | None, tokenizer: Tokenizer, *,
+                    force: bool = False) -> ChatTemplate:
+    """The template to prompt with: the adapter's own; a requested one only if it renders the same
+    (or ``force``); without an adapter, the requested one, else the model's own, else plain text."""
+    trained = trained_template(checkpoint, tokenizer) if checkpoint else None
+    if requested is None:
+        if trained is not None:
+            return trained
+        return get_template("auto" if tokenizer.chat_template else "none", tokenizer)
+    template = get_template(requested, tokenizer)
+    if trained is not None and template.source != trained.source and not force:
+        raise CheckpointError(
+            f"template={requested} is not the template the adapter was trained with ({trained.name}); "
+            "leave template unset to use that one, or pass force_adapter_load=true")
+    return template

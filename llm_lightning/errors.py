@@ -19,3 +19,7 @@ class TokenizerError(UserFacingError):
 
 class SettingError(UserFacingError):
     """A setting has a value outside what it accepts (a number out of range, an unknown name)."""
+
+
+class DataError(UserFacingError):
+    """The dataset is missing, malformed, or empty."""

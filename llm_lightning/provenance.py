@@ -16,7 +16,7 @@ from torch import nn
 
 from llm_lightning.errors import CheckpointError
 from llm_lightning.lora import is_lora_parameter
-from llm_lightning.prompts import PromptTemplate
+from llm_lightning.prompts import ChatTemplate
 from llm_lightning.tokenizer import Tokenizer
 
 SAMPLES_PER_TENSOR = 4096
@@ -37,21 +37,20 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def template_fingerprint(template: PromptTemplate) -> str:
-    rendered = template.format("{instruction}", "{input}") + "\0" + template.format("{instruction}")
-    return hashlib.sha256(rendered.encode()).hexdigest()
+def template_fingerprint(template: ChatTemplate) -> str:
+    return hashlib.sha256("\0".join((template.source, template.bos_token, template.eos_token)).encode()).hexdigest()
 
 
-def build_provenance(model: nn.Module, tokenizer: Tokenizer, template: PromptTemplate) -> dict[str, str]:
-    return {
-        "base_weights": weights_fingerprint(model),
-        "tokenizer": tokenizer.fingerprint(),
-        "template": template_fingerprint(template),
-        "template_name": template.name,
-    }
+def build_provenance(model: nn.Module, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> dict[str, str]:
+    """Fingerprints, and the chat template itself: generate and export reuse it as trained."""
+    provenance = {"base_weights": weights_fingerprint(model), "tokenizer": tokenizer.fingerprint()}
+    if template is not None:
+        provenance.update(template=template_fingerprint(template), template_name=template.name,
+                          chat_template=template.source)
+    return provenance
 
 
-CHECKED = {"base_weights": "base model weights", "tokenizer": "tokenizer", "template": "prompt template"}
+CHECKED = {"base_weights": "base model weights", "tokenizer": "tokenizer", "template": "chat template"}
 
 
 def check_provenance(saved: dict[str, str] | None, current: dict[str, str], *, source: str, force: bool,

@@ -17,11 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning.errors import SettingError
 from llm_lightning.lora import LoRAConfig
-from llm_lightning.prompts import TEMPLATES
+from llm_lightning.data.conversations import FORMATS
+from llm_lightning.prompts import TEMPLATE_NAMES
 from llm_lightning.sampling import SamplingOptions
 
 DType = Enum("DType", {name: name for name in ("float32", "bfloat16", "float16")})
-TemplateName = Enum("TemplateName", {name: name for name in TEMPLATES})
+TemplateName = Enum("TemplateName", {name: name for name in TEMPLATE_NAMES})
 Quantize = Enum("Quantize", {name: name for name in ("auto", "int8", "int4")})
 
 
@@ -66,7 +67,8 @@ class DataSettings:
     path: Optional[str] = None
     sha256: Optional[str] = None
     cache_dir: Optional[str] = None
-    template: str = "alpaca"  # a str, not TemplateName: it is handed to AlpacaDataModule as it is
+    format: str = "auto"
+    template: Optional[str] = None  # a str, not TemplateName: it is handed to AlpacaDataModule as it is
     max_seq_length: int = 512
     train_on_inputs: bool = False
     val_size: float = 0.1
@@ -80,8 +82,10 @@ class DataSettings:
     group_by_length: bool = True
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATES)}")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATE_NAMES)}")
+        if self.format not in FORMATS:
+            raise SettingError(f"data.format={self.format}: expected one of {', '.join(FORMATS)}")
         for name in ("max_seq_length", "batch_size", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise SettingError(f"data.{name}={getattr(self, name)}: expected an integer >= 1")
@@ -208,8 +212,8 @@ class EvaluateDataOverrides:
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if self.template is not None and self.template not in TEMPLATES:
-            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATES)}")
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATE_NAMES)}")
         _require_at_least_one(**{"data.max_seq_length": self.max_seq_length, "data.limit": self.limit})
 
 

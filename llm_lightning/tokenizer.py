@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,12 +45,27 @@ class Tokenizer(ABC):
         """A hash of everything that determines the token ids (for adapter provenance)."""
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Ids for ``text``; special tokens written in it (``<s>``, ``<|im_end|>``) are single ids.
+        ``bos=True`` adds BOS for models trained with it, unless the text already opens with it (a
+        chat template that writes ``{{ bos_token }}``), so a prompt never gets two."""
         ids = self._encode(text)
-        if bos and self.add_bos and self.bos_id is not None:
+        if bos and self.add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
         if eos:
             ids.append(self.eos_id)
         return ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tools: list | None = None, chat_template: str | None = None) -> list[int]:
+        """Ids of ``messages`` rendered with this tokenizer's chat template (or ``chat_template``):
+        the same name, arguments and ids as transformers' ``apply_chat_template``."""
+        from llm_lightning.prompts import ChatTemplateError, bind
+
+        if not (chat_template or self.chat_template):
+            raise ChatTemplateError(f"{self.source}: the tokenizer has no chat template; pass chat_template=...")
+        template = bind("custom", chat_template or self.chat_template, self)
+        text = template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self.encode(text, bos=False)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -71,7 +87,12 @@ class Tokenizer(ABC):
                     "add_bos_token": self.add_bos, "add_eos_token": False, "model_max_length": 1_000_000}
         if self.chat_template:
             settings["chat_template"] = self.chat_template
+        settings.update(self._hf_settings())
         (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+
+    def _hf_settings(self) -> dict:
+        """Settings transformers needs to tokenize as this class does."""
+        return {}
 
     def _choose_pad(self, declared_pad: int | None, unk_id: int | None) -> int:
         for candidate in (declared_pad, unk_id, 0):
@@ -132,20 +153,35 @@ class SentencePieceTokenizer(Tokenizer):
         self.add_bos = add_bos
         unk = self.sp.unk_id()
         self.pad_id = self._choose_pad(self.sp.pad_id(), unk if unk >= 0 else None)
+        # SentencePiece reads "<s>" in text as three characters; transformers reads it as BOS, and
+        # chat templates write it so: split such pieces out first, as transformers does.
+        specials = sorted((self.sp.id_to_piece(i) for i in range(self.sp.vocab_size())
+                           if self.sp.is_control(i) or self.sp.is_unknown(i)), key=len, reverse=True)
+        self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
+    def from_file(cls, path: str | Path, chat_template: str | None = None) -> SentencePieceTokenizer:
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file not found")
-        return cls(path.read_bytes(), str(path))
+        tokenizer = cls(path.read_bytes(), str(path))
+        tokenizer.chat_template = chat_template
+        return tokenizer
 
     @property
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(text))
+        if self._specials is None:
+            return list(self.sp.encode(text))
+        ids: list[int] = []
+        for index, part in enumerate(self._specials.split(text)):
+            if index % 2:
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -159,6 +195,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _save_vocabulary(self, directory: Path) -> None:
         (directory / "tokenizer.model").write_bytes(self._proto)
+
+    def _hf_settings(self) -> dict:
+        # legacy: text after a special token starts a word, as SentencePiece (and Meta) encode it
+        return {"tokenizer_class": "LlamaTokenizer", "legacy": True}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self._proto).hexdigest()
@@ -247,7 +287,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (path / "tokenizer.json").is_file():
             return HFTokenizer.from_directory(path)
         if (path / "tokenizer.model").is_file():
-            return SentencePieceTokenizer.from_file(path / "tokenizer.model")
+            chat_template = _read_json(path / "tokenizer_config.json").get("chat_template")
+            return SentencePieceTokenizer.from_file(path / "tokenizer.model", chat_template=chat_template)
         raise TokenizerError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
     if path.name.endswith(".json"):
         return HFTokenizer.from_directory(path.parent)

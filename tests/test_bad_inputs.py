@@ -32,7 +32,7 @@ CASES = [
     ("generate", ["dtype=float64x"], "Invalid value 'float64x', expected one of [float32, bfloat16, float16]"),
     ("generate", ["dtype=float16"], "dtype=float16 on CPU"),
     ("generate", ["device=cudax"], "device=cudax: expected cpu, cuda, cuda:N or mps"),
-    ("generate", ["template=chatt"], "Invalid value 'chatt', expected one of [alpaca, chat, none]"),
+    ("generate", ["template=chatt"], "Invalid value 'chatt', expected one of [auto, alpaca, chatml, llama2, llama3, none]"),
     ("generate", ["top_k=abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     ("generate", ["tempreature=0.5"], "Could not override 'tempreature'"),
     ("generate", ["model=/tmp"], "point at weights with model.source=PATH"),
@@ -57,8 +57,11 @@ CASES = [
     ("train", [*TINY, "data.path={tmp}/bad.json"], "bad.json: invalid JSON at line 2, column 18"),
     ("train", [*TINY, "data.path={tmp}/empty.json"], "no valid records"),
     ("train", [*TINY, "data.max_seq_length=16"], "every training example is longer than data.max_seq_length=16"),
-    ("train", [*TINY, "data.template=chatt"], "data.template=chatt: expected one of alpaca, chat, none"),
+    ("train", [*TINY, "data.template=chatt"], "data.template=chatt: expected one of auto, alpaca, chatml, llama2, llama3, none"),
     ("train", [*TINY, "data.batch_size=0"], "data.batch_size=0: expected an integer >= 1"),
+    ("train", [*TINY, "data.format=xml"], "data.format=xml: expected one of auto, alpaca, messages, sharegpt"),
+    ("train", [*TINY, "data.path={tmp}/chat.json"], "chat.json: record 1 field 'messages[1].role' is 'robot'"),
+    ("train", [*TINY, "data.template=llama3"], "template=llama3 needs the special tokens <|start_header_id|>"),
     ("train", [*TINY, "lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
     ("train", [*TINY, "lora.r=0"], "lora: LoRA rank r must be positive"),
     ("train", ["logger=none", "model=llama2_7b"], "model.source is required for preset llama2-7b"),
@@ -91,6 +94,9 @@ def bad_files(tmp_path_factory, default_gguf_path) -> Path:
     (root / "empty.txt").write_text("\n\n")
     (root / "empty.json").write_text("[]")
     (root / "bad.json").write_text('[{"instruction": "a", "input": "", "output": "b"},\n {"instruction": }]')
+    (root / "chat.json").write_text('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                                    '"content": "b"}]}, {"messages": [{"role": "user", "content": "a"}, '
+                                    '{"role": "robot", "content": "b"}]}]')
     (root / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
     torch.save({"epoch": 1, "weights": torch.zeros(2)}, root / "foreign.ckpt")
     (root / "truncated.gguf").write_bytes(default_gguf_path.read_bytes()[:4096])

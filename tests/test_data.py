@@ -1,4 +1,4 @@
-"""Alpaca data: exact templates, masking, EOS, validation errors, splits, batching, audit, downloads."""
+"""Alpaca and chat data: exact templates, masking, EOS, validation errors, splits, batching, audit, downloads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_lightning.data import BUNDLED_SAMPLE, IGNORE_INDEX, AlpacaDataModule, DataError, Record, encode_record, read_records
+from llm_lightning.data import BUNDLED_SAMPLE, IGNORE_INDEX, AlpacaDataModule, DataError, encode_conversation, read_records
+from llm_lightning.data.conversations import from_alpaca
 from llm_lightning.data.batching import ShuffledBatchSampler, collate
 from llm_lightning.prompts import get_template
 from tests.conftest import shared_file
@@ -21,8 +22,16 @@ def tokenizer(default_model):
     return default_model[1]
 
 
-def test_alpaca_templates_word_for_word():
-    alpaca = get_template("alpaca")
+def Record(instruction: str, input: str, output: str):
+    return from_alpaca({"instruction": instruction, "input": input, "output": output})
+
+
+def encode_record(record, tokenizer, template_name: str, **options):
+    return encode_conversation(record, tokenizer, get_template(template_name, tokenizer), **options)
+
+
+def test_alpaca_templates_word_for_word(tokenizer):
+    alpaca = get_template("alpaca", tokenizer)
     assert alpaca.format("Name a color.") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n### Instruction:\nName a color.\n\n### Response:\n"
@@ -36,28 +45,28 @@ def test_alpaca_templates_word_for_word():
 
 def test_prompt_is_masked_and_response_plus_eos_supervised(tokenizer):
     record = Record("What is 2 plus 3?", "", "2 plus 3 is 5.")
-    example = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=256)
-    prompt_ids = tokenizer.encode(get_template("alpaca").format(record.instruction), bos=True)
+    example = encode_record(record, tokenizer, "alpaca", max_seq_length=256)
+    prompt_ids = tokenizer.encode(get_template("alpaca", tokenizer).format("What is 2 plus 3?"), bos=True)
     assert example.input_ids[: len(prompt_ids)] == prompt_ids
     assert example.labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
     supervised = example.labels[len(prompt_ids):]
     assert supervised == example.input_ids[len(prompt_ids):]
     assert supervised[-1] == tokenizer.eos_id
     assert tokenizer.decode(supervised) == "2 plus 3 is 5."
-    with_inputs = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=256, train_on_inputs=True)
+    with_inputs = encode_record(record, tokenizer, "alpaca", max_seq_length=256, train_on_inputs=True)
     assert with_inputs.labels == with_inputs.input_ids
 
 
 def test_truncation_keeps_eos_and_drops_prompts_that_do_not_fit(tokenizer):
     record = Record("Write a long story.", "", "Once upon a time " * 50)
-    example = encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=48)
+    example = encode_record(record, tokenizer, "alpaca", max_seq_length=48)
     assert len(example.input_ids) == 48 and example.truncated
     assert example.input_ids[-1] == example.labels[-1] == tokenizer.eos_id
-    assert encode_record(record, tokenizer, get_template("alpaca"), max_seq_length=10) is None
+    assert encode_record(record, tokenizer, "alpaca", max_seq_length=10) is None
 
 
 def test_padding_never_masks_a_real_eos(tokenizer):
-    examples = [encode_record(Record("Say hi.", "", text), tokenizer, get_template("alpaca"), max_seq_length=64)
+    examples = [encode_record(Record("Say hi.", "", text), tokenizer, "alpaca", max_seq_length=64)
                 for text in ("Hi.", "Hello there, how are you today?")]
     batch = collate(examples, pad_id=tokenizer.eos_id)  # the worst case: pad == eos
     short = examples[0]
@@ -99,7 +108,7 @@ def test_invalid_json_reports_line_and_column(tmp_path):
 def test_jsonl_and_missing_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"instruction": f"i{i}", "input": "", "output": "o"}) for i in range(3)))
-    assert [r.instruction for r in read_records(path)[0]] == ["i0", "i1", "i2"]
+    assert [r.title for r in read_records(path)[0]] == ["i0", "i1", "i2"]
     with pytest.raises(DataError, match="nope.json: data file not found"):
         read_records(tmp_path / "nope.json")
 
@@ -123,7 +132,7 @@ def test_split_is_seeded_and_limit_takes_the_first_records(tokenizer):
     assert (len(a.train_examples), len(a.val_examples)) == (40, 10)
     assert [e.input_ids for e in a.val_examples] == [e.input_ids for e in b.val_examples]
     assert [e.input_ids for e in a.val_examples] != [e.input_ids for e in c.val_examples]
-    first_50 = {r.instruction for r in read_records(BUNDLED_SAMPLE)[0][:50]}
+    first_50 = {r.messages[0]["instruction"] for r in read_records(BUNDLED_SAMPLE)[0][:50]}
     decoded = tokenizer.decode(a.train_examples[0].input_ids)
     assert any(instruction in decoded for instruction in first_50)
 
@@ -188,15 +197,15 @@ def test_audit_reports_counts_and_the_supervision_boundary(tokenizer):
     assert report.truncated == sum(e.truncated for e in module.train_examples + module.val_examples)
     assert 0 < report.masked_ratio < 1
     text = report.format()
-    assert "### Response:\n    ▶" in text and text.rstrip().endswith("<EOS>")
+    assert "### Response:\n    ▶" in text and text.rstrip().endswith("<|im_end|>◀")
     assert "p50" in text and "152 read" in text
 
 
 def test_bundled_sample_is_varied_and_reproducible(tmp_path):
     records, skipped = read_records(BUNDLED_SAMPLE)
     assert len(records) >= 100 and skipped == 0
-    assert 0.35 <= sum(1 for r in records if r.input) / len(records) <= 0.45
-    assert len({r.instruction for r in records}) > 90
+    assert 0.35 <= sum(1 for r in records if r.messages[0]["input"]) / len(records) <= 0.45
+    assert len({r.title for r in records}) > 90
     before = BUNDLED_SAMPLE.read_bytes()
     subprocess.run([sys.executable, "scripts/write_alpaca_sample.py"], check=True, capture_output=True,
                    cwd=Path(__file__).resolve().parents[1])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig
-from llm_lightning.data import IGNORE_INDEX, Record, encode_record
+from llm_lightning.data import IGNORE_INDEX, encode_conversation
+from llm_lightning.data.conversations import from_alpaca
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.metrics import perplexity, rouge_l
 from llm_lightning.prompts import get_template
@@ -21,9 +22,11 @@ def test_perplexity_equals_exp_of_mean_token_nll_by_hand():
     torch.manual_seed(0)
     model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=49152)).eval()
     tokenizer = embedded_tokenizer()
-    records = [Record("Say hi.", "", "Hi!"), Record("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
-               Record("Name a color.", "", "Blue is a color of the sky.")]
-    examples = [encode_record(r, tokenizer, get_template("alpaca"), max_seq_length=128) for r in records]
+    records = [from_alpaca({"instruction": i, "input": x, "output": o}) for i, x, o in (
+        ("Say hi.", "", "Hi!"), ("Add the numbers.", "2 and 3", "2 plus 3 is 5."),
+        ("Name a color.", "", "Blue is a color of the sky."))]
+    template = get_template("alpaca", tokenizer)
+    examples = [encode_conversation(r, tokenizer, template, max_seq_length=128) for r in records]
     total_nll, total_tokens = 0.0, 0
     with torch.no_grad():
         for example in examples:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llm_lightning import load_pretrained
-from llm_lightning.adapter import load_adapter
+from llm_lightning.adapter import load_adapter, trained_template
 from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
 from tests.train_runner import run_tool, run_train
 
@@ -43,6 +43,16 @@ def test_hf_export_loads_in_transformers(trained, tmp_path):
     theirs = AutoTokenizer.from_pretrained(tmp_path)
     text = "The quick brown fox jumps over the lazy dog."
     assert theirs(text, add_special_tokens=False).input_ids == ours.encode(text, bos=False)
+    # the adapter's template (alpaca, with the BOS this tokenizer wants) travels with the export
+    template = trained_template(torch.load(checkpoint, weights_only=True), ours)
+    assert template.name == "alpaca" and template.source.startswith("{{ bos_token }}")
+    for messages in ([{"role": "user", "content": "Name a color."}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Bye"}]):
+        expected = ours.encode(template.prompt(messages), bos=True)
+        assert theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          return_dict=False) == expected
+        assert expected.count(ours.bos_id) == 1
 
 
 def test_peft_export_loads_in_peft(trained, tmp_path):

@@ -38,6 +38,9 @@ def test_adapter_from_training_checkpoint(tmp_path):
                           "max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "step 2, template alpaca" in result.stderr
+    other = run_generate(f"ckpt_path={checkpoint}", "template=chatml", "max_new_tokens=2")
+    assert other.returncode == 2 and "template=chatml is not the template the adapter was trained with (alpaca)" in (
+        other.stderr)
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Give the plural form of the noun: goose\nWhat is 2 plus 2?\n")

@@ -13,6 +13,7 @@ from llm_lightning.config import LLaMAConfig
 from llm_lightning.errors import SettingError
 from llm_lightning.generation import _beam_search, filter_logits, generate, stream
 from llm_lightning.model import LLaMA
+from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.prompts import get_template
 from llm_lightning.sampling import SamplingOptions, held_back
 
@@ -27,7 +28,7 @@ def smollm2(default_model):
 
 
 def chat(text: str) -> str:
-    return get_template("chat").format(text)
+    return get_template("auto", embedded_tokenizer()).format(text)
 
 
 def greedy_without_cache(model, tokenizer, prompt: str, steps: int) -> list[int]:

@@ -57,7 +57,7 @@ def test_default_model_answers_capital_of_france(default_model):
     from llm_lightning.prompts import get_template
 
     model, tokenizer = default_model
-    prompt = get_template("chat").format("What is the capital of France?")
+    prompt = get_template("auto", tokenizer).format("What is the capital of France?")
     answer = generate(model, tokenizer, prompt, max_new_tokens=24)
     assert "Paris" in answer
     assert "".join(stream(model, tokenizer, prompt, max_new_tokens=24)) == answer

@@ -75,7 +75,7 @@ def embedded_fp32_and_int8():
 
 def divergence_on_a_real_answer(reference, quantized, tokenizer) -> tuple[float, float]:
     """(mean KL(reference || quantized), top-1 agreement) over fp32's own 64-token answer to a story prompt."""
-    prompt = get_template("chat").format("Write a short story about a lighthouse keeper.")
+    prompt = get_template("auto", tokenizer).format("Write a short story about a lighthouse keeper.")
     answer = generate(reference, tokenizer, prompt, max_new_tokens=64)
     ids = torch.tensor([tokenizer.encode(prompt + answer)])
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_embedded_model_in_int8_keeps_its_predictions(embedded_fp32_and_int8):
     reference, quantized, tokenizer = embedded_fp32_and_int8
     kl, agreement = divergence_on_a_real_answer(reference, quantized, tokenizer)
     assert kl < 0.02 and agreement > 0.93, (kl, agreement)
-    assert "Paris" in generate(quantized, tokenizer, get_template("chat").format("What is the capital of France?"),
+    assert "Paris" in generate(quantized, tokenizer, get_template("auto", tokenizer).format("What is the capital of France?"),
                                max_new_tokens=16)
 
 
@@ -191,7 +191,7 @@ def test_embedded_model_with_packed_bf16_weights_writes_the_same_text():
     if not cpu_kernels.onednn_supported(torch.bfloat16):
         pytest.skip("oneDNN bf16 packing is not on this CPU or build (cpu_kernels says so)")
     model, tokenizer = load_pretrained(None, dtype=torch.bfloat16)
-    prompts = [get_template("chat").format(p) for p in ("Write a short story about a lighthouse keeper.",
+    prompts = [get_template("auto", tokenizer).format(p) for p in ("Write a short story about a lighthouse keeper.",
                                                           "Name three colors.")]
     expected = generate(model, tokenizer, prompts, max_new_tokens=32)
     assert generate(pack_weights(model), tokenizer, prompts, max_new_tokens=32) == expected

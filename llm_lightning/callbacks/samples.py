@@ -21,11 +21,11 @@ class SampleGenerations(L.Callback):
         records = getattr(datamodule, "val_records", [])[: self.num_prompts]
         if not records or trainer.sanity_checking or self.num_prompts <= 0:
             return
-        prompts = [datamodule.template.format(r.instruction, r.input) for r in records]
+        template = datamodule.template
+        prompts = [template.prompt(r.prompt, r.tools) for r in records]
         answers = generate(pl_module.model, datamodule.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
         step = trainer.global_step
-        rows = [(step, r.instruction + (f"\n{r.input}" if r.input else ""), a, r.output)
-                for r, a in zip(records, answers)]
+        rows = [(step, r.title, a, r.reference) for r, a in zip(records, answers)]
         self.history.extend(rows)
         wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_logger is not None:

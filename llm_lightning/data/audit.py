@@ -1,7 +1,7 @@
 """A report on the data before any compute is spent: what was kept, how long, what is supervised.
 
-The decoded example marks exactly where the masked prompt ends and the supervised tokens
-begin, which is where template and masking bugs show up first.
+The decoded example marks exactly where each supervised span (an assistant turn through its
+end-of-turn token) starts and ends, which is where template and masking bugs show up first.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from llm_lightning.data.encoding import Example
+from llm_lightning.data.encoding import IGNORE_INDEX, Example
 from llm_lightning.tokenizer import Tokenizer
 
-BOUNDARY = "▶"  # printed between the masked prompt and the supervised response
+BOUNDARY, END = "▶", "◀"  # printed around every supervised span
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class DataAudit:
             f"  tokens per example: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; "
             f"{self.truncated} truncated (EOS kept)",
             f"  masked (prompt) tokens: {self.masked_ratio:.1%} of all tokens",
-            f"  example ({BOUNDARY} marks where supervision starts):",
+            f"  example (supervised spans marked {BOUNDARY}...{END}):",
             *("    " + line for line in self.example.splitlines()),
         ])
 
@@ -54,15 +54,40 @@ def audit(examples: list[Example], tokenizer: Tokenizer, *, source: str, records
     quantiles = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).round().int().tolist()
     total = int(lengths.sum())
     supervised = sum(e.supervised_tokens for e in examples)
-    first = examples[0]
-    prompt = tokenizer.decode(first.input_ids[: first.prompt_length])
-    response = tokenizer.decode(first.input_ids[first.prompt_length:])
-    eos = " <EOS>" if first.input_ids[-1] == tokenizer.eos_id else ""
+    example = marked_spans(examples[0], tokenizer)
     return DataAudit(
         source=source, records_read=records_read, records_skipped=records_skipped, too_long=too_long,
         kept=len(examples), train=train, val=val,
         length_percentiles={"p50": quantiles[0], "p90": quantiles[1], "p99": quantiles[2], "max": int(lengths.max())},
         truncated=sum(e.truncated for e in examples),
         masked_ratio=1 - supervised / max(1, total),
-        example=f"{prompt}{BOUNDARY}{response}{eos}",
+        example=example,
     )
+
+
+def marked_spans(example: Example, tokenizer: Tokenizer) -> str:
+    """The example's text with each supervised run of tokens between BOUNDARY and END; special
+    tokens (which ``decode`` leaves out) are shown by name."""
+    runs: list[tuple[bool, list[int]]] = []
+    for token, label in zip(example.input_ids, example.labels):
+        supervised = label != IGNORE_INDEX
+        if runs and runs[-1][0] == supervised:
+            runs[-1][1].append(token)
+        else:
+            runs.append((supervised, [token]))
+    text = []
+    for supervised, tokens in runs:
+        piece = _with_special_tokens(tokens, tokenizer)
+        text.append(f"{BOUNDARY}{piece}{END}" if supervised else piece)
+    return "".join(text)
+
+
+def _with_special_tokens(tokens: list[int], tokenizer: Tokenizer) -> str:
+    pieces, plain = [], []
+    for token in tokens:
+        if tokenizer.decode([token]) == "":  # a special token: decode leaves it out
+            pieces += [tokenizer.decode(plain), tokenizer.id_to_token(token)]
+            plain = []
+        else:
+            plain.append(token)
+    return "".join(pieces) + tokenizer.decode(plain)

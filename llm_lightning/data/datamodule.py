@@ -1,4 +1,6 @@
-"""``AlpacaDataModule``: Alpaca records -> masked token examples -> exact-accumulation batches."""
+"""``AlpacaDataModule``: instruction or chat records -> conversations -> examples supervised on
+the assistant turns -> batches. (Named for its first format; it reads ``messages`` and ShareGPT
+files too, see ``data.format``.)"""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ from torch.utils.data import DataLoader
 
 from llm_lightning.data.audit import DataAudit, audit
 from llm_lightning.data.batching import ExampleDataset, ShuffledBatchSampler, collate
-from llm_lightning.data.encoding import Example, encode_record
-from llm_lightning.data.records import BUNDLED_SAMPLE, DataError, Record, download, is_url, read_records
-from llm_lightning.prompts import get_template
+from llm_lightning.data.conversations import Conversation
+from llm_lightning.data.encoding import Example, encode_conversation
+from llm_lightning.data.records import BUNDLED_SAMPLE, download, is_url, read_records
+from llm_lightning.errors import DataError
+from llm_lightning.prompts import ChatTemplate, get_template
 from llm_lightning.tokenizer import Tokenizer
 
 
@@ -23,7 +27,8 @@ class AlpacaDataModule(L.LightningDataModule):
         path: str | None = None,
         *,
         tokenizer: Tokenizer | None = None,
-        template: str = "alpaca",
+        format: str = "auto",
+        template: str | None = None,
         max_seq_length: int = 512,
         train_on_inputs: bool = False,
         val_size: float = 0.1,
@@ -41,7 +46,7 @@ class AlpacaDataModule(L.LightningDataModule):
         super().__init__()
         self.source = str(path) if path else str(BUNDLED_SAMPLE)
         self.tokenizer = tokenizer
-        self.template = get_template(template)
+        self.format, self.template_name = format, template
         self.max_seq_length, self.train_on_inputs = max_seq_length, train_on_inputs
         self.val_size, self.limit, self.skip_invalid = val_size, limit, skip_invalid
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -51,7 +56,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
-        self.val_records: list[Record] = []
+        self.val_records: list[Conversation] = []
         self.report: DataAudit | None = None
         self._train_sampler: ShuffledBatchSampler | None = None
         self._resume: dict[str, int] | None = None
@@ -69,7 +74,8 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def settings(self) -> dict:
         """What reproduces this split and encoding (evaluation reads it back from the checkpoint)."""
-        return {"path": self.source, "template": self.template.name, "max_seq_length": self.max_seq_length,
+        return {"path": self.source, "format": self.format, "template": self.template_name,
+                "max_seq_length": self.max_seq_length,
                 "train_on_inputs": self.train_on_inputs, "val_size": self.val_size, "limit": self.limit,
                 "seed": self.seed, "skip_invalid": self.skip_invalid}
 
@@ -81,7 +87,14 @@ class AlpacaDataModule(L.LightningDataModule):
         if is_url(self.source):
             download(self.source, self.cache_dir, self.sha256)
 
-    def _split(self, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template bound to the tokenizer: what training, samples and evaluation render."""
+        if self.tokenizer is None or self.template_name is None:
+            raise ValueError("AlpacaDataModule needs a tokenizer and setup() before its template")
+        return get_template(self.template_name, self.tokenizer)
+
+    def _split(self, records: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
         count = len(records)
         n_val = int(round(self.val_size * count)) if self.val_size < 1 else int(self.val_size)
         if self.val_size > 0:
@@ -91,10 +104,11 @@ class AlpacaDataModule(L.LightningDataModule):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
-    def _encode(self, records: list[Record]) -> tuple[list[Example], list[Record], int]:
+    def encode(self, records: list[Conversation]) -> tuple[list[Example], list[Conversation], int]:
         """Examples, the records they came from, and how many records were too long to keep."""
-        pairs = [(encode_record(r, self.tokenizer, self.template, max_seq_length=self.max_seq_length,
-                                train_on_inputs=self.train_on_inputs), r) for r in records]
+        template = self.template
+        pairs = [(encode_conversation(r, self.tokenizer, template, max_seq_length=self.max_seq_length,
+                                      train_on_inputs=self.train_on_inputs), r) for r in records]
         kept = [(e, r) for e, r in pairs if e is not None]
         return [e for e, _ in kept], [r for _, r in kept], len(pairs) - len(kept)
 
@@ -103,16 +117,18 @@ class AlpacaDataModule(L.LightningDataModule):
             return
         if self.tokenizer is None:
             raise ValueError("AlpacaDataModule needs a tokenizer before setup()")
-        records, skipped = read_records(self.source, skip_invalid=self.skip_invalid, cache_dir=self.cache_dir,
-                                        sha256=self.sha256)
+        records, skipped = read_records(self.source, format=self.format, skip_invalid=self.skip_invalid,
+                                        cache_dir=self.cache_dir, sha256=self.sha256)
         read = len(records) + skipped
         if self.limit:
             records = records[: self.limit]
         if not records:
             raise DataError(f"{self.source}: no valid records ({read} read, {skipped} skipped as invalid)")
+        if self.template_name is None:  # Alpaca records keep their template; chat data the model's own
+            self.template_name = "alpaca" if records[0].format == "alpaca" else "auto"
         train_records, val_records = self._split(records)
-        self.train_examples, _, train_dropped = self._encode(train_records)
-        self.val_examples, self.val_records, val_dropped = self._encode(val_records)
+        self.train_examples, _, train_dropped = self.encode(train_records)
+        self.val_examples, self.val_records, val_dropped = self.encode(val_records)
         if not self.train_examples:
             raise DataError(
                 f"{self.source}: every training example is longer than data.max_seq_length="

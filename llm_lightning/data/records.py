@@ -1,7 +1,6 @@
-"""Reading and validating Alpaca-format records: ``{"instruction", "input", "output"}`` strings.
-
-Sources are a JSON list or JSONL file on disk, or a URL downloaded once to a cache directory.
-Every problem names the file and the record (or line and column) so it can be fixed.
+"""Reading training records: a JSON list or JSONL file on disk, or a URL downloaded once to a
+cache directory, turned into conversations (``conversations.py`` knows the formats). Every problem
+names the file and the record (or line and column) so it can be fixed.
 """
 
 from __future__ import annotations
@@ -10,26 +9,14 @@ import hashlib
 import json
 import shutil
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from llm_lightning.errors import UserFacingError
+from llm_lightning.data.conversations import Conversation, to_conversations
+from llm_lightning.errors import DataError
 
-FIELDS = ("instruction", "input", "output")
 BUNDLED_SAMPLE = Path(__file__).with_name("alpaca_sample.json")
 # The original 52K Stanford Alpaca data: the documented default for users who are online.
 STANFORD_ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
-
-
-class DataError(UserFacingError):
-    """The dataset is missing, malformed, or empty."""
-
-
-@dataclass(frozen=True)
-class Record:
-    instruction: str
-    input: str
-    output: str
 
 
 def is_url(source: str) -> bool:
@@ -66,9 +53,9 @@ def _parse(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"{path}: data file not found; expected an Alpaca JSON list or JSONL file") from None
+        raise DataError(f"{path}: data file not found; expected a JSON list or JSONL file of records") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; expected an Alpaca JSON list or JSONL file") from None
+        raise DataError(f"{path}: is a directory; expected a JSON list or JSONL file of records") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     stripped = text.lstrip()
@@ -90,36 +77,14 @@ def _parse(path: Path) -> list:
     return data
 
 
-def validate(rows: list, source: str, *, skip_invalid: bool) -> tuple[list[Record], int]:
-    """Records with all three fields as strings; others are an error, or skipped and counted."""
-    records, skipped = [], 0
-    for index, row in enumerate(rows):
-        problem = None
-        if not isinstance(row, dict):
-            problem = f"is a {type(row).__name__}, expected an object"
-        else:
-            for name in FIELDS:
-                if name not in row:
-                    problem = f"lacks field {name!r}"
-                    break
-                if not isinstance(row[name], str):
-                    problem = f"field {name!r} is a {type(row[name]).__name__}, expected a string"
-                    break
-        if problem is None:
-            records.append(Record(row["instruction"], row["input"], row["output"]))
-        elif skip_invalid:
-            skipped += 1
-        else:
-            raise DataError(f"{source}: record {index} {problem} (set data.skip_invalid=true to skip such records)")
-    return records, skipped
-
-
-def read_records(source: str | Path, *, skip_invalid: bool = False, cache_dir: Path | None = None,
-                 sha256: str | None = None) -> tuple[list[Record], int]:
-    """(valid records, number skipped) from a path or URL."""
+def read_records(source: str | Path, *, format: str = "auto", skip_invalid: bool = False,
+                 cache_dir: Path | None = None, sha256: str | None = None,
+                 need_answer: bool = True) -> tuple[list[Conversation], int]:
+    """(valid records as conversations, number skipped) from a path or URL."""
     source = str(source)
     if is_url(source):
         path = download(source, cache_dir or Path.home() / ".cache" / "llm_lightning", sha256)
     else:
         path = Path(source).expanduser()
-    return validate(_parse(path), str(path), skip_invalid=skip_invalid)
+    return to_conversations(_parse(path), str(path), format=format, skip_invalid=skip_invalid,
+                            need_answer=need_answer)

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from llm_lightning.adapter import load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
-from llm_lightning.data import AlpacaDataModule, encode_record, read_records
+from llm_lightning.data import AlpacaDataModule, read_records
 from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_base_model
@@ -39,17 +39,17 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup()
         examples, records = datamodule.val_examples, datamodule.val_records
     else:  # every record of the file, encoded as training would
-        records, _ = read_records(datamodule.source, skip_invalid=datamodule.skip_invalid)
-        pairs = [(encode_record(r, tokenizer, datamodule.template, max_seq_length=datamodule.max_seq_length,
-                                train_on_inputs=datamodule.train_on_inputs), r)
-                 for r in records[: datamodule.limit or None]]
-        examples, records = [e for e, _ in pairs if e is not None], [r for e, r in pairs if e is not None]
+        records, _ = read_records(datamodule.source, format=datamodule.format, skip_invalid=datamodule.skip_invalid)
+        if records and datamodule.template_name is None:
+            datamodule.template_name = "alpaca" if records[0].format == "alpaca" else "auto"
+        examples, records, _ = datamodule.encode(records[: datamodule.limit or None])
     if settings.max_examples:
         examples, records = examples[: settings.max_examples], records[: settings.max_examples]
     if not examples:
         raise UserFacingError(f"{datamodule.source}: no examples to evaluate in split={split}")
-    prompts = [datamodule.template.format(r.instruction, r.input) for r in records]
-    references = [r.output for r in records]
+    template = datamodule.template
+    prompts = [template.prompt(r.prompt, r.tools) for r in records]
+    references = [r.reference for r in records]
     answer = functools.partial(generate, model, tokenizer, max_new_tokens=settings.max_new_tokens)
 
     results: dict = {"checkpoint": str(path), "data": datamodule.source, "split": split, "examples": len(examples)}
@@ -61,7 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
             results[name] = {
                 "perplexity": perplexity(model, examples, pad_id=tokenizer.pad_id, batch_size=settings.batch_size),
                 "rougeL": rouge_l(predictions, references),
-                "sample": {"prompt": records[0].instruction, "answer": predictions[0], "reference": references[0]},
+                "sample": {"prompt": records[0].title, "answer": predictions[0], "reference": references[0]},
             }
     print(format_table(results))
     Path(settings.output).write_text(json.dumps(results, indent=2))

@@ -5,6 +5,10 @@ Takes a fine-tuned adapter out of the framework:
   loadable by ``transformers.AutoModelForCausalLM``;
 - ``peft``: the adapter alone, loadable by ``peft.PeftModel`` on the HF base (``peft_format``);
 - ``meta``: merged weights as ``params.json`` + ``consolidated.00.pth``.
+
+Every format gets the tokenizer files too, with the chat template the adapter was trained with
+in ``tokenizer_config.json``: transformers' ``apply_chat_template`` then gives the prompt ids
+training and ``generate.py`` used.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llm_lightning.adapter import load_adapter
+from llm_lightning.adapter import load_adapter, trained_template
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.checkpoints.hf_format import save_hf_checkpoint
 from llm_lightning.checkpoints.meta_format import save_meta_checkpoint
@@ -28,7 +32,10 @@ def export(cfg: DictConfig) -> Path:
     output = Path(settings.output_dir)
     model, tokenizer = load_base_model(settings.model)
     checkpoint = resolve_checkpoint(settings.ckpt_path, name=settings.name)
-    load_adapter(model, tokenizer, checkpoint, force=settings.force_adapter_load)
+    contents = load_adapter(model, tokenizer, checkpoint, force=settings.force_adapter_load)
+    template = trained_template(contents, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template.source
     output.mkdir(parents=True, exist_ok=True)
     if settings.format.value == "peft":
         save_peft_adapter(model, output, settings.model.source)
@@ -38,6 +45,6 @@ def export(cfg: DictConfig) -> Path:
             save_hf_checkpoint(model, output, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
         else:
             save_meta_checkpoint(model, output)
-        tokenizer.save_hf(output)
+    tokenizer.save_hf(output)
     print(f"exported {settings.format.value} to {output}")
     return output

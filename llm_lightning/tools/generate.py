@@ -14,14 +14,15 @@ import time
 from omegaconf import DictConfig
 
 from llm_lightning import cpu_kernels
-from llm_lightning.adapter import load_adapter
+from llm_lightning.adapter import choose_template, load_adapter
+from llm_lightning.data.conversations import Conversation
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.loading import load_base_model
 from llm_lightning.generation import generate as generate_batch
 from llm_lightning.generation import stream
 from llm_lightning.lora import lora_disabled
 from llm_lightning.prompt_files import read_prompts
-from llm_lightning.prompts import get_template
+from llm_lightning.prompts import user_message
 from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
 from llm_lightning.settings import GenerateSettings, to_settings
 
@@ -37,15 +38,17 @@ def stored_in_int4(settings: GenerateSettings, model) -> bool:
 def generate(cfg: DictConfig) -> list[str]:
     settings: GenerateSettings = to_settings(cfg)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
-    pairs = read_prompts(settings.prompts_file) if settings.prompts_file else [(settings.prompt, "")]
+    conversations = (read_prompts(settings.prompts_file) if settings.prompts_file
+                     else [Conversation((user_message(settings.prompt),))])
     model, tokenizer = load_base_model(settings.model, dtype=settings.torch_dtype, device=settings.torch_device)
-    template_name = settings.template.value if settings.template else "chat"
+    checkpoint = None
     if settings.ckpt_path:
         path = resolve_checkpoint(settings.ckpt_path, name=settings.name)
         checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
-        template_name = (settings.template.value if settings.template
-                         else checkpoint.get("provenance", {}).get("template_name", "alpaca"))
-        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template_name}]", file=sys.stderr)
+    template = choose_template(settings.template.value if settings.template else None, checkpoint, tokenizer,
+                               force=settings.force_adapter_load)
+    if checkpoint is not None:
+        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template.name}]", file=sys.stderr)
     quantize = settings.quantize.value if settings.quantize else None
     if quantize == "auto":
         quantize = "int4" if stored_in_int4(settings, model) else None
@@ -59,8 +62,7 @@ def generate(cfg: DictConfig) -> list[str]:
         auto = " (quantize=auto: the file's own 4-bit codes; quantize=null for fp32 products)" if (
             settings.quantize.value == "auto") else ""
         print(f"[weights: {quantize}{auto}]", file=sys.stderr)
-    template = get_template(template_name)
-    prompts = [template.format(instruction, input) for instruction, input in pairs]
+    prompts = [template.prompt(c.messages, c.tools) for c in conversations]
     sampling = settings.sampling
     options = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                    top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, stop=sampling.stop,
@@ -85,8 +87,8 @@ def generate(cfg: DictConfig) -> list[str]:
                 for i in range(0, len(prompts), settings.batch_size):
                     answers[name] += generate_batch(model, tokenizer, prompts[i:i + settings.batch_size],
                                                     num_beams=sampling.num_beams, **options)
-        for index, (instruction, input) in enumerate(pairs):
-            print(f"### {index + 1}. {instruction}" + (f"\n[input] {input}" if input else ""))
+        for index, conversation in enumerate(conversations):
+            print(f"### {index + 1}. {conversation.title}")
             for name, texts in answers.items():
                 print(f"[{name}] {texts[index]}" if len(answers) > 1 else texts[index])
             print()

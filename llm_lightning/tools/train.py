@@ -32,7 +32,6 @@ from llm_lightning.errors import UserFacingError
 from llm_lightning.lora import apply_lora, count_parameters
 from llm_lightning.module import LoRAFineTuner
 from llm_lightning.precision import HalfPrecisionFP32Adapters, Precision
-from llm_lightning.prompts import get_template
 from llm_lightning.provenance import build_provenance
 from llm_lightning.settings import lora_config, to_settings
 
@@ -138,8 +137,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     model, tokenizer = load_base_model(cfg.model, dtype=precision.weights_dtype)
     lora = lora_config(cfg.lora)
-    template = get_template(cfg.data.template)
-    provenance = build_provenance(model, tokenizer, template)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    print(datamodule.report.format())
+    provenance = build_provenance(model, tokenizer, datamodule.template)
     apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
     if cfg.get("compile"):
         # Block by block, in place: parameter names (and so checkpoints) stay unchanged, and the
@@ -148,10 +149,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             block.compile()
     model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
     trainable, total = count_parameters(model)
-
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    datamodule.setup("fit")
-    print(datamodule.report.format())
 
     module = LoRAFineTuner(model, lora=lora, optimizer=instantiate(cfg.optimizer),
                            warmup_steps=cfg.scheduler.warmup_steps, min_lr=cfg.scheduler.min_lr,
