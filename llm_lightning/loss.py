@@ -31,16 +31,18 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, positions: torch.Tensor | None = None,
+              document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, supervised positions) of ``model`` on a batch, without materialising its logits.
+    ``positions`` and ``document_ids`` come with packed rows.
 
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
     positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
     path and goes through the full logits."""
     if model.output is not None and type(model.output) not in (nn.Linear, Linear):
-        return token_nll(model(input_ids), labels)
+        return token_nll(model(input_ids, positions=positions, document_ids=document_ids), labels)
     targets = next_token_targets(labels).flatten()
-    hidden = model.hidden_states(input_ids).flatten(0, 1)
+    hidden = model.hidden_states(input_ids, positions=positions, document_ids=document_ids).flatten(0, 1)
     head = model.tok_embeddings.weight if model.output is None else model.output.weight
     loss_sum = linear_cross_entropy(hidden, head, targets, ignore_index=IGNORE_INDEX)
     return loss_sum, (targets != IGNORE_INDEX).sum()

@@ -196,8 +196,12 @@ class LLaMA(nn.Module):
             layer.attention.kv_cache = None
 
     def attention_mask(self, seq_len: int, start_pos: int | torch.Tensor,
-                       key_padding_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+                       key_padding_mask: torch.Tensor | None, device: torch.device,
+                       document_ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Boolean mask [B|1, 1, T, S] (True = attend), or None when plain causal attention suffices.
+
+        ``document_ids`` [B, T] (packed rows, no cache) makes it block-diagonal: a token sees only
+        the earlier tokens of its own document.
 
         Padding keys are hidden, but every query may always see itself, so that a padding row
         never attends to nothing (which would make SDPA produce NaN and poison later layers).
@@ -205,6 +209,9 @@ class LLaMA(nn.Module):
         causal condition is what hides the slots not yet written.
         """
         static = isinstance(start_pos, torch.Tensor)
+        if document_ids is not None:
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+            return (document_ids[:, None, :, None] == document_ids[:, None, None, :]) & causal
         if not static and key_padding_mask is None and (start_pos == 0 or seq_len == 1):
             return None
         key_len = self.layers[0].attention.kv_cache.k.shape[2] if static else start_pos + seq_len
@@ -217,14 +224,14 @@ class LLaMA(nn.Module):
         return mask
 
     def hidden_states(self, input_ids: torch.Tensor, *, start_pos: int | torch.Tensor = 0,
-                      positions: torch.Tensor | None = None,
-                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states [B, T, dim], before the output projection."""
         batch, seq_len = input_ids.shape
         if positions is None:
             positions = (start_pos + torch.arange(seq_len, device=input_ids.device)).expand(batch, -1)
         rotations = rope_rotations(self.config, positions)
-        mask = self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device)
+        mask = self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device, document_ids)
         x = self.tok_embeddings(input_ids)
         use_checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
@@ -235,17 +242,18 @@ class LLaMA(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, *, start_pos: int | torch.Tensor = 0,
-                positions: torch.Tensor | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T].
 
         ``start_pos`` is where these tokens sit in the KV cache (0 without a cache; a 0-dim
         tensor for static-shape decoding, see ``KVCache``);
         ``positions`` overrides rotary positions per row (for left-padded batches);
-        ``key_padding_mask`` [B, S] marks real tokens (True) among all keys seen so far.
+        ``key_padding_mask`` [B, S] marks real tokens (True) among all keys seen so far;
+        ``document_ids`` [B, T] keeps the documents of a packed row apart (see ``data/packing.py``).
         """
         x = self.hidden_states(input_ids, start_pos=start_pos, positions=positions,
-                               key_padding_mask=key_padding_mask)
+                               key_padding_mask=key_padding_mask, document_ids=document_ids)
         if self.output is None:
             return linear(x, self.tok_embeddings.weight)
         return self.output(x)

@@ -72,7 +72,8 @@ class LoRAFineTuner(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)
-        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"])
+        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
+                                       document_ids=batch.get("document_ids"))
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(
                 f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
@@ -105,7 +106,8 @@ class LoRAFineTuner(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=False)
-        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"])
+        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
+                                       document_ids=batch.get("document_ids"))
         self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:

@@ -80,6 +80,7 @@ class DataSettings:
     seed: int = 42
     pad_to_multiple_of: int = 1
     group_by_length: bool = True
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.template is not None and self.template not in TEMPLATE_NAMES:
@@ -147,6 +148,8 @@ class GenerateSettings(AdapterSettings):
 
     prompt: str = "What is the capital of France?"
     prompts_file: Optional[str] = None
+    chat: bool = False
+    system: Optional[str] = None
     template: Optional[TemplateName] = None
     compare: bool = False
     max_new_tokens: int = 128
@@ -173,6 +176,9 @@ class GenerateSettings(AdapterSettings):
             raise SettingError(f"batch_size={self.batch_size}: expected an integer >= 1")
         if not self.prompts_file and not self.prompt.strip():
             raise SettingError("prompt is empty: expected prompt=\"...\" or prompts_file=FILE")
+        if self.chat and (self.prompts_file or self.compare or self.num_beams > 1):
+            raise SettingError("chat=true streams one conversation from stdin; it takes no prompts_file, "
+                               "compare or num_beams > 1")
         if self.compare and not self.ckpt_path:
             raise SettingError("compare=true needs ckpt_path=... (an adapter to compare with the base model)")
         if self.quantize is not None and self.quantize.value != "auto" and self.compare:

@@ -31,7 +31,7 @@ class MeanOfMeans(LoRAFineTuner):
         return loss_sum / n_tokens
 
 
-def first_step_gradients(batch_size: int, accumulate: int, module_class=LoRAFineTuner):
+def first_step_gradients(batch_size: int, accumulate: int, module_class=LoRAFineTuner, packing: bool = False):
     torch.manual_seed(0)
     model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=49152))
     apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("all",)))
@@ -40,7 +40,7 @@ def first_step_gradients(batch_size: int, accumulate: int, module_class=LoRAFine
             if "lora_b" in name:
                 parameter.normal_(0, 0.02)
     datamodule = AlpacaDataModule(tokenizer=embedded_tokenizer(), limit=5, val_size=1, batch_size=batch_size,
-                                  max_seq_length=128)
+                                  max_seq_length=128, packing=packing)
     module = module_class(model.train(), lora=LoRAConfig(r=4, dropout=0.0),
                           optimizer=functools.partial(torch.optim.SGD, lr=0.0))
     capture = GradientCapture()
@@ -71,3 +71,10 @@ def test_mean_of_means_breaks_the_identity():
     ours, _ = first_step_gradients(batch_size=4, accumulate=1)
     naive, _ = first_step_gradients(batch_size=1, accumulate=4, module_class=MeanOfMeans)
     assert max_difference(ours, naive) > 1e-4
+
+
+def test_packed_rows_give_the_gradient_of_the_same_examples_unpacked():
+    """The four examples (47-53 tokens) pack two to a 128-token row."""
+    packed, _ = first_step_gradients(batch_size=4, accumulate=1, packing=True)
+    unpacked, _ = first_step_gradients(batch_size=4, accumulate=1)
+    assert max_difference(packed, unpacked) <= 1e-6

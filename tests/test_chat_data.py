@@ -124,3 +124,27 @@ def test_glaive_tool_calls_with_the_embedded_template(tokenizer):
     assert "<|im_start|>tool\n" in text and "<|im_start|>tool\n▶" not in text  # observations are not learned
     assert text.count("▶") == sum(1 for m in module.val_records[module.val_examples.index(example)].messages
                                   if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("source, problem", [
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}",
+     r"supervised turns do not end in EOS '</s>' \(one ends"),
+    ("{{ bos_token + bos_token }}{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+     "{{ eos_token }}{% endif %}{% endfor %}", "examples start with two BOS tokens"),
+])
+def test_preflight_refuses_a_template_that_would_ruin_the_run(tiny_tokenizer_dir, source, problem):
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    tokenizer.chat_template = source
+    module = AlpacaDataModule(tokenizer=tokenizer, template="auto", limit=20, val_size=2)
+    with pytest.raises(DataError, match=f"with template auto: .*{problem}"):
+        module.setup()
+
+
+def test_prompts_file_of_conversations_continues_after_the_last_user_turn(tmp_path):
+    from llm_lightning.prompt_files import read_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": MESSAGES}) + "\n" + json.dumps({"messages": MESSAGES[:2]}) + "\n")
+    first, second = read_prompts(path)
+    assert list(first.messages) == MESSAGES[:4]  # the file's last answer is left out
+    assert list(second.messages) == MESSAGES[:2] and second.title == "Name a prime."

@@ -16,9 +16,10 @@ import time
 import pytest
 import torch
 
+from tests.conftest import shared_file
 from tests.train_runner import REPO, TINY, run_train, summary
 
-EXPERIMENTS = ["quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
+EXPERIMENTS = ["quickstart", "chat_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -26,6 +27,9 @@ def test_fast_dev_run_of_every_experiment(experiment, tmp_path):
     overrides = [f"experiment={experiment}", *TINY, "debug=fast_dev_run"]
     if experiment == "seed_llama2_7b":  # no GPU, no network here: the recipe on the tiny model
         overrides += ["trainer=cpu", "trainer.precision=32-true", "data.path=null", "data.batch_size=2"]
+    if experiment == "chat_quickstart":  # its data lies beside the checkout
+        shared_file("glaive_toolcall_en_demo.json")
+        overrides.remove("data.max_seq_length=128")
     run_train(*overrides, run_dir=tmp_path)
     result = summary(tmp_path)
     assert result["global_step"] == 1 and result["trainable_parameters"] > 0
@@ -100,6 +104,16 @@ def test_adapter_onto_a_different_base_is_refused_unless_forced(tmp_path):
     assert "adapter was trained with different base model weights" in refused.stderr
     run_train(*TINY, "seed=7", f"ckpt_path={checkpoint}", "force_adapter_load=true", "trainer.max_epochs=2",
               "trainer.limit_train_batches=2", run_dir=tmp_path / "c")
+
+
+def test_packed_chat_data_trains_from_the_cli(tmp_path):
+    data = shared_file("glaive_toolcall_en_demo.json")
+    result = run_train("model=tiny", "logger=none", f"data.path={data}", "data.packing=true", "data.limit=40",
+                       "data.max_seq_length=1024", "data.val_size=4", "trainer.max_steps=2", run_dir=tmp_path)
+    assert "packed: 36 training examples in" in result.stdout and "supervised spans marked" in result.stdout
+    run = summary(tmp_path)
+    assert run["global_step"] == 2 and math.isfinite(run["val_loss_end"])
+    assert torch.load(run["last_checkpoint"], weights_only=True)["provenance"]["template_name"] == "auto"
 
 
 def test_ddp_with_two_cpu_processes(tmp_path):

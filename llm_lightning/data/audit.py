@@ -29,6 +29,10 @@ class DataAudit:
     truncated: int
     masked_ratio: float
     example: str
+    packed_rows: int | None = None  # with data.packing: rows the training examples fill
+    packed_fill: float | None = None  # their real tokens over the rows' capacity
+    problems: tuple[str, ...] = ()  # pre-flight findings that would ruin the run (setup refuses them)
+    eos: str = ""
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "example"}
@@ -43,13 +47,17 @@ class DataAudit:
             f"  tokens per example: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; "
             f"{self.truncated} truncated (EOS kept)",
             f"  masked (prompt) tokens: {self.masked_ratio:.1%} of all tokens",
+            *([f"  packed: {self.train} training examples in {self.packed_rows} rows, "
+               f"{self.packed_fill:.1%} of their tokens real"] if self.packed_rows else []),
+            f"  pre-flight: {'; '.join(self.problems) if self.problems else f'every assistant turn ends in a supervised EOS ({self.eos}), one BOS at most, padding masked by position'}",
             f"  example (supervised spans marked {BOUNDARY}...{END}):",
             *("    " + line for line in self.example.splitlines()),
         ])
 
 
 def audit(examples: list[Example], tokenizer: Tokenizer, *, source: str, records_read: int,
-          records_skipped: int, too_long: int, train: int, val: int) -> DataAudit:
+          records_skipped: int, too_long: int, train: int, val: int, packed_rows: int | None = None,
+          row_length: int = 0) -> DataAudit:
     lengths = torch.tensor([len(e.input_ids) for e in examples], dtype=torch.float)
     quantiles = torch.quantile(lengths, torch.tensor([0.5, 0.9, 0.99])).round().int().tolist()
     total = int(lengths.sum())
@@ -62,7 +70,46 @@ def audit(examples: list[Example], tokenizer: Tokenizer, *, source: str, records
         truncated=sum(e.truncated for e in examples),
         masked_ratio=1 - supervised / max(1, total),
         example=example,
+        packed_rows=packed_rows,
+        packed_fill=sum(len(e.input_ids) for e in examples[:train]) / (packed_rows * row_length) if packed_rows else None,
+        problems=tuple(preflight(examples, tokenizer)), eos=tokenizer.id_to_token(tokenizer.eos_id),
     )
+
+
+def supervised_runs(example: Example) -> list[list[int]]:
+    """The token ids of each stretch of supervised positions (an assistant turn, normally)."""
+    runs: list[list[int]] = []
+    previous = False
+    for token, label in zip(example.input_ids, example.labels):
+        supervised = label != IGNORE_INDEX
+        if supervised and not previous:
+            runs.append([])
+        if supervised:
+            runs[-1].append(token)
+        previous = supervised
+    return runs
+
+
+def preflight(examples: list[Example], tokenizer: Tokenizer) -> list[str]:
+    """What would ruin training, one line each: turns that do not end in EOS (the model would
+    never learn to stop, as when a template ends turns with a token that is not the tokenizer's
+    EOS), and a doubled BOS. (pad = EOS cannot hide EOS here: padding is masked by position.)"""
+    problems = []
+    eos, bos = tokenizer.eos_id, tokenizer.bos_id
+    runs = [run for example in examples for run in supervised_runs(example)]
+    if all(label != IGNORE_INDEX for example in examples for label in example.labels):
+        # train_on_inputs: one run per example, ending wherever the template ends; EOS must be in it
+        runs = [[*run[:-1], eos if eos in run else run[-1]] for run in runs]
+    open_turns = sum(1 for run in runs if run[-1] != eos)
+    if open_turns:
+        ending = next(run for run in runs if run[-1] != eos)[-3:]
+        problems.append(f"{open_turns} of {len(runs)} supervised turns do not end in EOS "
+                        f"{tokenizer.id_to_token(eos)!r} (one ends {tokenizer.decode(ending)!r}): the model would "
+                        "not learn to stop; choose a template whose turns end in this tokenizer's EOS")
+    doubled = sum(1 for example in examples if bos is not None and example.input_ids[:2] == [bos, bos])
+    if doubled:
+        problems.append(f"{doubled} examples start with two BOS tokens: the template writes one and so does the data")
+    return problems
 
 
 def marked_spans(example: Example, tokenizer: Tokenizer) -> str:

@@ -15,6 +15,7 @@ from llm_lightning.data.audit import DataAudit, audit
 from llm_lightning.data.batching import ExampleDataset, ShuffledBatchSampler, collate
 from llm_lightning.data.conversations import Conversation
 from llm_lightning.data.encoding import Example, encode_conversation
+from llm_lightning.data.packing import collate_packed, pack
 from llm_lightning.data.records import BUNDLED_SAMPLE, download, is_url, read_records
 from llm_lightning.errors import DataError
 from llm_lightning.prompts import ChatTemplate, get_template
@@ -42,6 +43,7 @@ class AlpacaDataModule(L.LightningDataModule):
         sha256: str | None = None,
         pad_to_multiple_of: int = 1,
         group_by_length: bool = True,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         self.source = str(path) if path else str(BUNDLED_SAMPLE)
@@ -53,7 +55,8 @@ class AlpacaDataModule(L.LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache" / "llm_lightning"
         self.sha256, self.pad_to_multiple_of = sha256, pad_to_multiple_of
-        self.group_by_length = group_by_length
+        self.group_by_length, self.packing = group_by_length, packing
+        self.train_rows: list[list[int]] = []  # with packing: the examples of each row
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
         self.val_records: list[Conversation] = []
@@ -134,19 +137,28 @@ class AlpacaDataModule(L.LightningDataModule):
                 f"{self.source}: every training example is longer than data.max_seq_length="
                 f"{self.max_seq_length} tokens; raise data.max_seq_length"
             )
+        if self.packing:
+            self.train_rows = pack([len(e.input_ids) for e in self.train_examples], self.max_seq_length)
         self.report = audit(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
                             records_read=read, records_skipped=skipped, too_long=train_dropped + val_dropped,
-                            train=len(self.train_examples), val=len(self.val_examples))
+                            train=len(self.train_examples), val=len(self.val_examples),
+                            packed_rows=len(self.train_rows) if self.packing else None,
+                            row_length=self.max_seq_length)
+        if self.report.problems:
+            raise DataError(f"{self.source} with template {self.template_name}: {self.report.problems[0]}")
 
     def _collate(self):
         return functools.partial(collate, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
     def train_sampler(self) -> ShuffledBatchSampler:
+        """Batches of examples (grouped by length when asked), or of packed rows (shuffled)."""
         trainer = self.trainer
+        grouped = self.group_by_length and not self.packing
         sampler = ShuffledBatchSampler(
-            len(self.train_examples), batch_size=self.batch_size, shuffle=True, seed=self.seed,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
-            lengths=[len(e.input_ids) for e in self.train_examples] if self.group_by_length else None,
+            len(self.train_rows) if self.packing else len(self.train_examples), batch_size=self.batch_size,
+            shuffle=True, seed=self.seed, rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            lengths=[len(e.input_ids) for e in self.train_examples] if grouped else None,
         )
         if self._resume:
             # Lightning builds (and starts iterating) this loader before it restores the loops of a
@@ -158,6 +170,12 @@ class AlpacaDataModule(L.LightningDataModule):
         return sampler
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing:
+            rows = [[self.train_examples[i] for i in row] for row in self.train_rows]
+            collate_rows = functools.partial(collate_packed, pad_id=self.tokenizer.pad_id,
+                                             pad_to_multiple_of=self.pad_to_multiple_of)
+            return DataLoader(ExampleDataset(rows), batch_sampler=self.train_sampler(), collate_fn=collate_rows,
+                              num_workers=self.num_workers, generator=self._generator())
         return DataLoader(ExampleDataset(self.train_examples), batch_sampler=self.train_sampler(),
                           collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
 

@@ -1,7 +1,8 @@
 """``python generate.py``: load a model (and an adapter), template the prompts, sample, print.
 
 One prompt streams as it decodes; several (``prompts_file``) are batched, and with
-``compare=true`` the base model's answers are printed next to the fine-tuned ones.
+``compare=true`` the base model's answers are printed next to the fine-tuned ones; ``chat=true``
+holds a conversation on stdin (``tools/chat.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from llm_lightning.prompt_files import read_prompts
 from llm_lightning.prompts import user_message
 from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
 from llm_lightning.settings import GenerateSettings, to_settings
+from llm_lightning.tools.chat import chat
 
 
 def stored_in_int4(settings: GenerateSettings, model) -> bool:
@@ -38,8 +40,9 @@ def stored_in_int4(settings: GenerateSettings, model) -> bool:
 def generate(cfg: DictConfig) -> list[str]:
     settings: GenerateSettings = to_settings(cfg)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    system = [{"role": "system", "content": settings.system}] if settings.system else []
     conversations = (read_prompts(settings.prompts_file) if settings.prompts_file
-                     else [Conversation((user_message(settings.prompt),))])
+                     else [Conversation((*system, user_message(settings.prompt)))])
     model, tokenizer = load_base_model(settings.model, dtype=settings.torch_dtype, device=settings.torch_device)
     checkpoint = None
     if settings.ckpt_path:
@@ -68,6 +71,9 @@ def generate(cfg: DictConfig) -> list[str]:
                    top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, stop=sampling.stop,
                    seed=sampling.seed, compile=settings.compile)
 
+    if settings.chat:
+        transcript = chat(model, tokenizer, template, sys.stdin, system=settings.system, **options)
+        return [turn["reply"] for turn in transcript]
     start = time.perf_counter()
     if len(prompts) == 1 and not settings.compare and sampling.num_beams == 1:
         pieces = []
