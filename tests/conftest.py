@@ -90,6 +90,22 @@ def save_hf_dir(model, directory: Path, tokenizer_dir: Path, *, bin_format: bool
     return directory
 
 
+def tiny_lora_model(vocab_size: int):
+    """The tiny LLaMA, seeded, with LoRA r4 on every linear layer and a nonzero B (so the adapters
+    have gradients of their own from the first step)."""
+    from llm_lightning import LLaMA, LLaMAConfig
+    from llm_lightning.lora import LoRAConfig, apply_lora
+
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=vocab_size))
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("all",)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(0, 0.02)
+    return model
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M-Instruct, loaded once for the whole session."""

@@ -8,12 +8,12 @@ import lightning as L
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.data import AlpacaDataModule
-from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.lora import LoRAConfig
 from llm_lightning.loss import token_nll
 from llm_lightning.module import LoRAFineTuner
+from tests.conftest import tiny_lora_model
 
 pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths: CI runs these on every path
 
@@ -32,13 +32,7 @@ class MeanOfMeans(LoRAFineTuner):
 
 
 def first_step_gradients(batch_size: int, accumulate: int, module_class=LoRAFineTuner, packing: bool = False):
-    torch.manual_seed(0)
-    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=49152))
-    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("all",)))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_b" in name:
-                parameter.normal_(0, 0.02)
+    model = tiny_lora_model(vocab_size=49152)
     datamodule = AlpacaDataModule(tokenizer=embedded_tokenizer(), limit=5, val_size=1, batch_size=batch_size,
                                   max_seq_length=128, packing=packing)
     module = module_class(model.train(), lora=LoRAConfig(r=4, dropout=0.0),

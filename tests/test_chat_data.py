@@ -8,7 +8,7 @@ import pytest
 
 from llm_lightning import load_tokenizer
 from llm_lightning.data import IGNORE_INDEX, AlpacaDataModule, DataError, encode_conversation, read_records
-from llm_lightning.data.audit import marked_spans
+from llm_lightning.data.audit import marked_spans, supervised_runs
 from llm_lightning.prompts import bind, get_template
 from tests.conftest import shared_file
 
@@ -23,16 +23,6 @@ SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from":
 @pytest.fixture(scope="module")
 def tokenizer(default_model):
     return default_model[1]
-
-
-def supervised_runs(example) -> list[list[int]]:
-    runs, current = [], []
-    for token, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            runs, current = [*runs, current], []
-    return runs + ([current] if current else [])
 
 
 def test_messages_jsonl_and_sharegpt_read_as_the_same_conversation(tmp_path):

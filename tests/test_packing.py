@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig
+from llm_lightning import LLaMA
 from llm_lightning.data.encoding import IGNORE_INDEX, Example
 from llm_lightning.data.packing import collate_packed, pack
-from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import model_nll
+from tests.conftest import tiny_lora_model
 
 pytestmark = pytest.mark.kernels  # numerics through cpu_kernels' paths
 
@@ -38,14 +38,7 @@ def random_examples(count: int, vocab: int, seed: int = 0) -> list[Example]:
 
 
 def adapted_tiny() -> LLaMA:
-    torch.manual_seed(0)
-    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=512))
-    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("all",)))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_b" in name:
-                parameter.normal_(0, 0.02)
-    return model.train()
+    return tiny_lora_model(vocab_size=512).train()
 
 
 def lora_grads(model: LLaMA) -> dict[str, torch.Tensor]:

@@ -76,18 +76,21 @@ def audit(examples: list[Example], tokenizer: Tokenizer, *, source: str, records
     )
 
 
-def supervised_runs(example: Example) -> list[list[int]]:
-    """The token ids of each stretch of supervised positions (an assistant turn, normally)."""
-    runs: list[list[int]] = []
-    previous = False
+def runs(example: Example) -> list[tuple[bool, list[int]]]:
+    """The example cut into stretches of masked and of supervised tokens: (supervised, ids)."""
+    stretches: list[tuple[bool, list[int]]] = []
     for token, label in zip(example.input_ids, example.labels):
         supervised = label != IGNORE_INDEX
-        if supervised and not previous:
-            runs.append([])
-        if supervised:
-            runs[-1].append(token)
-        previous = supervised
-    return runs
+        if stretches and stretches[-1][0] == supervised:
+            stretches[-1][1].append(token)
+        else:
+            stretches.append((supervised, [token]))
+    return stretches
+
+
+def supervised_runs(example: Example) -> list[list[int]]:
+    """The token ids of each stretch of supervised positions (an assistant turn, normally)."""
+    return [tokens for supervised, tokens in runs(example) if supervised]
 
 
 def preflight(examples: list[Example], tokenizer: Tokenizer) -> list[str]:
@@ -96,16 +99,14 @@ def preflight(examples: list[Example], tokenizer: Tokenizer) -> list[str]:
     EOS), and a doubled BOS. (pad = EOS cannot hide EOS here: padding is masked by position.)"""
     problems = []
     eos, bos = tokenizer.eos_id, tokenizer.bos_id
-    runs = [run for example in examples for run in supervised_runs(example)]
-    if all(label != IGNORE_INDEX for example in examples for label in example.labels):
-        # train_on_inputs: one run per example, ending wherever the template ends; EOS must be in it
-        runs = [[*run[:-1], eos if eos in run else run[-1]] for run in runs]
-    open_turns = sum(1 for run in runs if run[-1] != eos)
+    turns = [run for example in examples for run in supervised_runs(example)]
+    # train_on_inputs supervises each example whole, ending wherever the template ends: EOS must be in it
+    whole = all(label != IGNORE_INDEX for example in examples for label in example.labels)
+    open_turns = [run for run in turns if (eos not in run if whole else run[-1] != eos)]
     if open_turns:
-        ending = next(run for run in runs if run[-1] != eos)[-3:]
-        problems.append(f"{open_turns} of {len(runs)} supervised turns do not end in EOS "
-                        f"{tokenizer.id_to_token(eos)!r} (one ends {tokenizer.decode(ending)!r}): the model would "
-                        "not learn to stop; choose a template whose turns end in this tokenizer's EOS")
+        problems.append(f"{len(open_turns)} of {len(turns)} supervised turns do not end in EOS "
+                        f"{tokenizer.id_to_token(eos)!r} (one ends {tokenizer.decode(open_turns[0][-3:])!r}): the "
+                        "model would not learn to stop; choose a template whose turns end in this tokenizer's EOS")
     doubled = sum(1 for example in examples if bos is not None and example.input_ids[:2] == [bos, bos])
     if doubled:
         problems.append(f"{doubled} examples start with two BOS tokens: the template writes one and so does the data")
@@ -115,15 +116,8 @@ def preflight(examples: list[Example], tokenizer: Tokenizer) -> list[str]:
 def marked_spans(example: Example, tokenizer: Tokenizer) -> str:
     """The example's text with each supervised run of tokens between BOUNDARY and END; special
     tokens (which ``decode`` leaves out) are shown by name."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(example.input_ids, example.labels):
-        supervised = label != IGNORE_INDEX
-        if runs and runs[-1][0] == supervised:
-            runs[-1][1].append(token)
-        else:
-            runs.append((supervised, [token]))
     text = []
-    for supervised, tokens in runs:
+    for supervised, tokens in runs(example):
         piece = _with_special_tokens(tokens, tokenizer)
         text.append(f"{BOUNDARY}{piece}{END}" if supervised else piece)
     return "".join(text)

@@ -97,6 +97,12 @@ class AlpacaDataModule(L.LightningDataModule):
             raise ValueError("AlpacaDataModule needs a tokenizer and setup() before its template")
         return get_template(self.template_name, self.tokenizer)
 
+    def choose_template(self, records: list[Conversation]) -> None:
+        """Without ``data.template``: Alpaca records keep the Alpaca template, chat data gets the
+        model's own (``auto``)."""
+        if self.template_name is None and records:
+            self.template_name = "alpaca" if records[0].format == "alpaca" else "auto"
+
     def _split(self, records: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
         count = len(records)
         n_val = int(round(self.val_size * count)) if self.val_size < 1 else int(self.val_size)
@@ -127,8 +133,7 @@ class AlpacaDataModule(L.LightningDataModule):
             records = records[: self.limit]
         if not records:
             raise DataError(f"{self.source}: no valid records ({read} read, {skipped} skipped as invalid)")
-        if self.template_name is None:  # Alpaca records keep their template; chat data the model's own
-            self.template_name = "alpaca" if records[0].format == "alpaca" else "auto"
+        self.choose_template(records)
         train_records, val_records = self._split(records)
         self.train_examples, _, train_dropped = self.encode(train_records)
         self.val_examples, self.val_records, val_dropped = self.encode(val_records)
@@ -171,13 +176,13 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.packing:
-            rows = [[self.train_examples[i] for i in row] for row in self.train_rows]
-            collate_rows = functools.partial(collate_packed, pad_id=self.tokenizer.pad_id,
-                                             pad_to_multiple_of=self.pad_to_multiple_of)
-            return DataLoader(ExampleDataset(rows), batch_sampler=self.train_sampler(), collate_fn=collate_rows,
-                              num_workers=self.num_workers, generator=self._generator())
-        return DataLoader(ExampleDataset(self.train_examples), batch_sampler=self.train_sampler(),
-                          collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
+            items = [[self.train_examples[i] for i in row] for row in self.train_rows]
+            collate_fn = functools.partial(collate_packed, pad_id=self.tokenizer.pad_id,
+                                           pad_to_multiple_of=self.pad_to_multiple_of)
+        else:
+            items, collate_fn = self.train_examples, self._collate()
+        return DataLoader(ExampleDataset(items), batch_sampler=self.train_sampler(), collate_fn=collate_fn,
+                          num_workers=self.num_workers, generator=self._generator())
 
     def val_dataloader(self) -> DataLoader:
         if not self.val_examples:

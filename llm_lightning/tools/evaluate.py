@@ -40,8 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
         examples, records = datamodule.val_examples, datamodule.val_records
     else:  # every record of the file, encoded as training would
         records, _ = read_records(datamodule.source, format=datamodule.format, skip_invalid=datamodule.skip_invalid)
-        if records and datamodule.template_name is None:
-            datamodule.template_name = "alpaca" if records[0].format == "alpaca" else "auto"
+        datamodule.choose_template(records)
         examples, records, _ = datamodule.encode(records[: datamodule.limit or None])
     if settings.max_examples:
         examples, records = examples[: settings.max_examples], records[: settings.max_examples]
