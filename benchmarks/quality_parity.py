@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=448)
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from here (to split a long run)")
+    parser.add_argument("--sides", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--ours", nargs="*", default=[], help="extra train.py overrides for our side")
     parser.add_argument("--output", default="quality_parity.json")
@@ -160,12 +162,13 @@ def main() -> None:
         train_path, train_records, val_records = split_records(args, workdir)
         train_examples, val_examples = encode(train_records, tokenizer), encode(val_records, tokenizer)
         base = hf_base(workdir)
-        result = {"recipe": vars(args), "base_nll": validation_nll(None, base, val_examples), "ours": {},
-                  "reference": {}}
+        result = {"recipe": vars(args), "base_nll": validation_nll(None, base, val_examples),
+                  **{name: {} for name in args.sides}}
         print(f"base model: validation NLL {result['base_nll']:.4f}", flush=True)
         sides = {"ours": lambda seed: run_ours(seed, train_path, workdir, args.ours),
                  "reference": lambda seed: run_reference(seed, train_examples, base, workdir, tokenizer.pad_id)}
-        for seed in range(args.seeds):
+        sides = {name: run for name, run in sides.items() if name in args.sides}
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for name, run in sides.items():
                 adapter, seconds, tokens = run(seed)
                 nll = validation_nll(adapter, base, val_examples)
@@ -174,13 +177,15 @@ def main() -> None:
     for name in sides:
         result[name] = {"runs": result[name], "nll": summary([r["nll"] for r in result[name].values()]),
                         "seconds": summary([r["seconds"] for r in result[name].values()])}
-    result["ratio"] = result["ours"]["nll"]["mean"] / result["reference"]["nll"]["mean"]
+    if len(sides) == 2:
+        result["ratio"] = result["ours"]["nll"]["mean"] / result["reference"]["nll"]["mean"]
     print(json.dumps(result, indent=2, default=str))
     for name in sides:
         nll = result[name]["nll"]
         print(f"{name}: validation NLL {nll['mean']:.4f} +- {nll['sd']:.4f} over {args.seeds} seeds, "
               f"{result[name]['seconds']['mean']:.0f} s per run")
-    print(f"ours / reference: {result['ratio']:.4f}")
+    if "ratio" in result:
+        print(f"ours / reference: {result['ratio']:.4f}")
     Path(args.output).write_text(json.dumps(result, indent=2, default=str))
 
 

@@ -137,6 +137,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, lora_dtype: torch.dtype 
     return model
 
 
+def lora_config_of(model: nn.Module) -> LoRAConfig:
+    """The LoRA settings ``model``'s adapted layers were built with (e.g. after loading an adapter)."""
+    layers = {name.rsplit(".", 1)[-1]: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise ValueError("the model has no LoRA layers")
+    layer = next(iter(layers.values()))
+    dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+    return LoRAConfig(r=layer.r, alpha=layer.scaling * layer.r, dropout=dropout, targets=tuple(layers))
+
+
 def is_lora_parameter(name: str) -> bool:
     return ".lora_a" in name or ".lora_b" in name or name.startswith(("lora_a", "lora_b"))
 

@@ -16,6 +16,9 @@ from llm_lightning.linear import Linear
 from llm_lightning.linear_cross_entropy import linear_cross_entropy
 from llm_lightning.model import LLaMA
 
+#: How a step's summed loss is normalised (``LoRAFineTuner``): by the epoch's mean terms per step, or the window's own.
+TOKEN_WEIGHTINGS = ("epoch", "window")
+
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     """Labels shifted one to the left, the last position ignored. Shifting the labels rather than
@@ -31,6 +34,13 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
+def _fused_head(model: LLaMA) -> torch.Tensor | None:
+    """The output head's weight when it can be fused with the loss (a plain or tied linear head)."""
+    if model.output is not None and type(model.output) not in (nn.Linear, Linear):
+        return None  # LoRA-adapted or quantized: no fused path
+    return model.tok_embeddings.weight if model.output is None else model.output.weight
+
+
 def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, positions: torch.Tensor | None = None,
               document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, supervised positions) of ``model`` on a batch, without materialising its logits.
@@ -39,10 +49,25 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, po
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
     positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
     path and goes through the full logits."""
-    if model.output is not None and type(model.output) not in (nn.Linear, Linear):
+    head = _fused_head(model)
+    if head is None:
         return token_nll(model(input_ids, positions=positions, document_ids=document_ids), labels)
     targets = next_token_targets(labels).flatten()
     hidden = model.hidden_states(input_ids, positions=positions, document_ids=document_ids).flatten(0, 1)
-    head = model.tok_embeddings.weight if model.output is None else model.output.weight
     loss_sum = linear_cross_entropy(hidden, head, targets, ignore_index=IGNORE_INDEX)
     return loss_sum, (targets != IGNORE_INDEX).sum()
+
+
+def sequence_log_probs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's supervised tokens [B], their count [B]): what
+    preference losses compare. Fused with the head row by row, as ``model_nll`` is."""
+    targets = next_token_targets(labels)
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    head = _fused_head(model)
+    if head is None:
+        logits = model(input_ids).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        return -nll.view_as(targets).sum(dim=1), counts
+    hidden = model.hidden_states(input_ids)
+    return -torch.stack([linear_cross_entropy(row, head, target, ignore_index=IGNORE_INDEX)
+                         for row, target in zip(hidden, targets)]), counts

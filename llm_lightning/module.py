@@ -4,9 +4,16 @@ Lightning divides every micro-batch loss by ``accumulate_grad_batches`` (and DDP
 ranks), which is a mean of per-batch means: wrong for masked, variable-length sequences. Here,
 as torchtune does, each micro-batch backpropagates its summed token NLL (times the factors
 Lightning and DDP divide by) and counts its supervised tokens; at step time, before clipping and
-the optimizer, the gradients are divided by the tokens of the whole window on all ranks. An
-optimizer step therefore sees the mean over every supervised token of the accumulated (and
-distributed) batch: ``batch 1 x accumulate 4 == batch 4 x accumulate 1``.
+the optimizer, the gradients are divided by a token count, so ``batch 1 x accumulate 4 == batch 4 x
+accumulate 1``. Which count is ``token_weighting``:
+
+- ``epoch`` (default): the epoch's mean supervised tokens per optimizer step, a constant. Every
+  supervised token of the epoch weighs the same, whichever batch it falls in, as in a plain loop
+  over random batches. Batches grouped by length (or packed) would otherwise give the tokens of a
+  batch of short answers many times the weight of a long answer's; measured against
+  transformers+PEFT, that cost validation NLL (``benchmarks/quality_parity.py``, README).
+- ``window``: the supervised tokens of the step's own window, all ranks: each step is the mean over
+  its tokens (torchtune's normalisation).
 
 Checkpoints hold only the LoRA tensors plus optimizer, scheduler, RNG and a provenance record.
 """
@@ -22,7 +29,7 @@ from torchmetrics import MeanMetric
 
 from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
-from llm_lightning.loss import model_nll
+from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
 from llm_lightning.model import LLaMA
 from llm_lightning.provenance import check_provenance
 
@@ -34,9 +41,11 @@ class NonFiniteLossError(UserFacingError):
 
 
 class LoRAFineTuner(L.LightningModule):
+    reports_perplexity = True  # the loss is a mean token NLL
+
     def __init__(self, model: LLaMA, *, lora: LoRAConfig, optimizer: OptimizerFactory,
                  warmup_steps: int = 0, min_lr: float = 0.0, provenance: dict[str, str] | None = None,
-                 force_adapter_load: bool = False) -> None:
+                 force_adapter_load: bool = False, token_weighting: str = "epoch") -> None:
         super().__init__()
         self.model = model
         self.lora_config = lora
@@ -44,14 +53,18 @@ class LoRAFineTuner(L.LightningModule):
         self.warmup_steps, self.min_lr = warmup_steps, min_lr
         self.provenance = provenance or {}
         self.force_adapter_load = force_adapter_load
+        if token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"token_weighting={token_weighting}: expected one of {', '.join(TOKEN_WEIGHTINGS)}")
+        self.token_weighting = token_weighting
+        self._terms_per_step: float | None = None  # token_weighting=epoch: the constant, set at fit start
         # Checkpoints carry only LoRA tensors; on_load_checkpoint verifies that exactly those are present.
         self.strict_loading = False
-        self.val_loss = MeanMetric()  # weighted by supervised tokens, so exp() of it is the perplexity
+        self.val_loss = MeanMetric()  # weighted by the loss's terms (tokens: exp() of it is the perplexity)
         self.flops_per_batch = 0
         self._matmul_parameters: int | None = None
-        # Supervised tokens backpropagated since the last optimizer step, this rank: a tensor, so that
-        # counting adds no host-device sync per micro-batch.
-        self._window_tokens: torch.Tensor | int = 0
+        # Loss terms (supervised tokens) backpropagated since the last optimizer step, this rank: a
+        # tensor, so that counting adds no host-device sync per micro-batch.
+        self._window_count: torch.Tensor | int = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -70,33 +83,50 @@ class LoRAFineTuner(L.LightningModule):
         per_token += (12 if backward else 4) * config.n_layers * config.dim * seq_len
         return batch_size * seq_len * per_token
 
+    def loss_terms(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of terms summed) of a batch: here the NLL of its supervised tokens.
+        A subclass with another objective (``dpo.py``: one term per preference pair) overrides this."""
+        return model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
+                         document_ids=batch.get("document_ids"))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)
-        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
-                                       document_ids=batch.get("document_ids"))
+        loss_sum, count = self.loss_terms(batch, "train")
         if not torch.isfinite(loss_sum):
             raise NonFiniteLossError(
                 f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
                 "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
             )
-        self._window_tokens = self._window_tokens + n_tokens.detach()
-        mean_loss = loss_sum.detach() / n_tokens.clamp(min=1)
+        self._window_count = self._window_count + count.detach()
+        mean_loss = loss_sum.detach() / count.clamp(min=1)
         self.log("train/loss", mean_loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.log("train/ppl", mean_loss.exp(), on_step=True, batch_size=batch["input_ids"].shape[0])
-        # A sum over tokens: Lightning's division by the accumulation and DDP's by the ranks are undone
-        # here, and the division by the window's tokens happens at step time (optimizer_step).
+        if self.reports_perplexity:
+            self.log("train/ppl", mean_loss.exp(), on_step=True, batch_size=batch["input_ids"].shape[0])
+        # A sum over terms: Lightning's division by the accumulation and DDP's by the ranks are undone
+        # here, and the division by a count happens at step time (optimizer_step).
         return loss_sum * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
+    def on_fit_start(self) -> None:
+        if self.token_weighting == "epoch":
+            per_batch = getattr(self.trainer.datamodule, "loss_terms_per_batch", None)
+            if per_batch is None:
+                raise UserFacingError("token_weighting=epoch needs a datamodule with loss_terms_per_batch "
+                                      "(AlpacaDataModule has it); or use token_weighting=window")
+            self._terms_per_step = per_batch * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Step with the gradients divided by the supervised tokens of the whole window, all ranks:
-        inside the closure, so that clipping, hooks and a grad scaler all see the mean gradient."""
+        """Step with the gradients divided by the token count ``token_weighting`` names: inside the
+        closure, so that clipping, hooks and a grad scaler all see the normalised gradient."""
 
         def closure():
             result = optimizer_closure()
-            tokens = torch.as_tensor(self._window_tokens, dtype=torch.float32, device=self.device)
-            if self.trainer.world_size > 1:
-                tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
-            self._window_tokens = 0
+            if self._terms_per_step is not None:
+                tokens = torch.tensor(self._terms_per_step, dtype=torch.float32, device=self.device)
+            else:
+                tokens = torch.as_tensor(self._window_count, dtype=torch.float32, device=self.device)
+                if self.trainer.world_size > 1:
+                    tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            self._window_count = 0
             for parameter in self.model.parameters():
                 if parameter.grad is not None:
                     parameter.grad.div_(tokens.clamp(min=1))
@@ -106,14 +136,14 @@ class LoRAFineTuner(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=False)
-        loss_sum, n_tokens = model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
-                                       document_ids=batch.get("document_ids"))
-        self.val_loss.update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        loss_sum, count = self.loss_terms(batch, "val")
+        self.val_loss.update(loss_sum / count.clamp(min=1), weight=count)
 
     def on_validation_epoch_end(self) -> None:
         mean_loss = self.val_loss.compute()  # synchronised across ranks
         self.log("val/loss", mean_loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", mean_loss.exp(), sync_dist=False)
+        if self.reports_perplexity:
+            self.log("val/ppl", mean_loss.exp(), sync_dist=False)
         self.val_loss.reset()
 
     def configure_optimizers(self):

@@ -17,6 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning.errors import SettingError
 from llm_lightning.lora import LoRAConfig
+from llm_lightning.data.preferences import PREFERENCE_FORMATS
+from llm_lightning.loss import TOKEN_WEIGHTINGS
+from llm_lightning.preference_loss import LOSS_TYPES, DPOConfig
 from llm_lightning.data.conversations import FORMATS
 from llm_lightning.prompts import TEMPLATE_NAMES
 from llm_lightning.sampling import SamplingOptions
@@ -24,6 +27,10 @@ from llm_lightning.sampling import SamplingOptions
 DType = Enum("DType", {name: name for name in ("float32", "bfloat16", "float16")})
 TemplateName = Enum("TemplateName", {name: name for name in TEMPLATE_NAMES})
 Quantize = Enum("Quantize", {name: name for name in ("auto", "int8", "int4")})
+TokenWeighting = Enum("TokenWeighting", {name: name for name in TOKEN_WEIGHTINGS})
+Stage = Enum("Stage", {name: name for name in ("sft", "dpo")})
+DPOLoss = Enum("DPOLoss", {name: name for name in LOSS_TYPES})
+PREFERENCE_DATA = "llm_lightning.data.PreferenceDataModule"
 
 
 @dataclass
@@ -85,13 +92,33 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.template is not None and self.template not in TEMPLATE_NAMES:
             raise SettingError(f"data.template={self.template}: expected one of {', '.join(TEMPLATE_NAMES)}")
-        if self.format not in FORMATS:
-            raise SettingError(f"data.format={self.format}: expected one of {', '.join(FORMATS)}")
+        formats = PREFERENCE_FORMATS if self._target_ == PREFERENCE_DATA else FORMATS
+        if self.format not in formats:
+            raise SettingError(f"data.format={self.format}: expected one of {', '.join(formats)}")
         for name in ("max_seq_length", "batch_size", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise SettingError(f"data.{name}={getattr(self, name)}: expected an integer >= 1")
         if self.val_size < 0:
             raise SettingError(f"data.val_size={self.val_size}: expected a fraction in [0, 1) or a count >= 1")
+
+
+@dataclass
+class DPOSettings:
+    """The ``dpo`` block of train.yaml: the preference loss (``llm_lightning/dpo.py``)."""
+
+    beta: float = 0.1
+    loss_type: DPOLoss = DPOLoss.sigmoid
+    label_smoothing: float = 0.0
+    reference: Optional[str] = None  # a supervised checkpoint: the reference, and where the policy starts
+
+    def config(self) -> DPOConfig:
+        try:
+            return DPOConfig(beta=self.beta, loss_type=self.loss_type.name, label_smoothing=self.label_smoothing)
+        except ValueError as exc:
+            raise SettingError(f"dpo.{exc}") from None
+
+    def __post_init__(self) -> None:
+        self.config()
 
 
 @dataclass
@@ -113,6 +140,17 @@ class TrainSettings:
     dry_run: bool = False
     force_adapter_load: bool = False
     compile: bool = False
+    token_weighting: TokenWeighting = TokenWeighting.epoch
+    stage: Stage = Stage.sft
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+
+    def __post_init__(self) -> None:
+        preference_data = self.data._target_ == PREFERENCE_DATA
+        if self.stage == Stage.dpo and not preference_data:
+            raise SettingError("stage=dpo: expected preference data (data=preferences), got data._target_="
+                               f"{self.data._target_}")
+        if self.stage == Stage.sft and preference_data:
+            raise SettingError("data=preferences holds preference pairs: train on them with stage=dpo")
 
 
 def torch_device(name: str) -> torch.device:

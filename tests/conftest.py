@@ -119,3 +119,15 @@ def default_gguf_path():
     from llm_lightning.loading import default_model_path
 
     return default_model_path()
+
+
+def write_preference_pairs(path: Path, count: int = 24) -> Path:
+    """Pairs made from the bundled Alpaca sample (data this project wrote): each record's answer is
+    chosen over the next record's answer, as a ``{instruction, input, chosen, rejected}`` file."""
+    from llm_lightning.data.records import BUNDLED_SAMPLE
+
+    records = json.loads(BUNDLED_SAMPLE.read_text())[:count + 1]
+    pairs = [{"instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+              "rejected": records[i + 1]["output"]} for i, r in enumerate(records[:count])]
+    path.write_text(json.dumps(pairs))
+    return path

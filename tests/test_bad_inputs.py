@@ -68,6 +68,15 @@ CASES = [
     ("train", [*TINY, "model=llama9"], "Could not find 'model/llama9'"),
     ("train", [*TINY, "ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),
     ("train", [*TINY, "ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt"),
+    ("train", [*TINY, "stage=dpo"], "stage=dpo: expected preference data (data=preferences)"),
+    ("train", [*TINY, "data=preferences", "data.path={tmp}/pairs.json"], "train on them with stage=dpo"),
+    ("train", [*TINY, "stage=dpo", "data=preferences"], "data.path: preference training needs a file of pairs"),
+    ("train", [*TINY, "stage=dpo", "data=preferences", "data.path={tmp}/pairs.json"],
+     "pairs.json: record 1 lacks field 'rejected'"),
+    ("train", [*TINY, "stage=dpo", "data=preferences", "data.format=messages"],
+     "data.format=messages: expected one of auto, sharegpt, flat, alpaca"),
+    ("train", [*TINY, "stage=dpo", "dpo.beta=0"], "dpo.beta=0.0: expected a number > 0"),
+    ("train", [*TINY, "stage=dpo", "dpo.loss_type=kto"], "Invalid value 'kto', expected one of [sigmoid, ipo, hinge]"),
     ("evaluate", [], "evaluate needs ckpt_path=..."),
     ("evaluate", ["ckpt_path={tmp}/missing.ckpt", "split=test"], "Invalid value 'test', expected one of [val, all]"),
     ("evaluate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
@@ -97,6 +106,7 @@ def bad_files(tmp_path_factory, default_gguf_path) -> Path:
     (root / "chat.json").write_text('[{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
                                     '"content": "b"}]}, {"messages": [{"role": "user", "content": "a"}, '
                                     '{"role": "robot", "content": "b"}]}]')
+    (root / "pairs.json").write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]')
     (root / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
     torch.save({"epoch": 1, "weights": torch.zeros(2)}, root / "foreign.ckpt")
     (root / "truncated.gguf").write_bytes(default_gguf_path.read_bytes()[:4096])

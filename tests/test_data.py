@@ -166,6 +166,40 @@ def test_sampler_state_resumes_at_the_first_unconsumed_batch_and_rolls_over_a_fi
     assert resumed.epoch == 2 and list(resumed) == list(uninterrupted)
 
 
+def test_every_epoch_of_a_lightning_run_has_its_own_order():
+    """Lightning sets the epoch of ``batch_sampler.sampler``, not of the batch sampler itself: the
+    sampler must be reachable there, or every epoch repeats the first one's order."""
+    import functools
+
+    import lightning as L
+    import torch
+
+    from llm_lightning.loading import embedded_tokenizer
+    from llm_lightning.lora import LoRAConfig
+    from llm_lightning.module import LoRAFineTuner
+    from tests.conftest import tiny_lora_model
+
+    class FirstTokens(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append((trainer.current_epoch, batch["input_ids"][:, 5:20].tolist()))
+
+    record = FirstTokens()
+    module = LoRAFineTuner(tiny_lora_model(vocab_size=49152), lora=LoRAConfig(r=4),
+                           optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    datamodule = AlpacaDataModule(tokenizer=embedded_tokenizer(), limit=25, val_size=1, batch_size=4,
+                                  max_seq_length=128)
+    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+              callbacks=[record]).fit(module, datamodule=datamodule)
+    epochs = [[batch for epoch, batch in record.seen if epoch == e] for e in (0, 1)]
+    assert len(epochs[0]) == len(epochs[1]) == 6
+    assert epochs[0] != epochs[1]
+    assert sorted(row for batch in epochs[0] for row in batch) == sorted(row for batch in epochs[1] for row in batch)
+
+
 def padded_tokens(batches, lengths) -> int:
     return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
 

@@ -16,10 +16,10 @@ import time
 import pytest
 import torch
 
-from tests.conftest import shared_file
+from tests.conftest import shared_file, write_preference_pairs
 from tests.train_runner import REPO, TINY, run_train, summary
 
-EXPERIMENTS = ["quickstart", "chat_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
+EXPERIMENTS = ["quickstart", "chat_quickstart", "dpo_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -30,9 +30,19 @@ def test_fast_dev_run_of_every_experiment(experiment, tmp_path):
     if experiment == "chat_quickstart":  # its data lies beside the checkout
         shared_file("glaive_toolcall_en_demo.json")
         overrides.remove("data.max_seq_length=128")
+    if experiment == "dpo_quickstart":
+        shared_file("dpo_en_demo_240.json")
     run_train(*overrides, run_dir=tmp_path)
     result = summary(tmp_path)
     assert result["global_step"] == 1 and result["trainable_parameters"] > 0
+
+
+def test_dry_run_sizes_a_preference_pair_as_two_sequences(tmp_path):
+    sft = run_train("experiment=seed_llama2_7b", "dry_run=true", run_dir=tmp_path / "sft").stdout
+    dpo = run_train("experiment=seed_llama2_7b", "dry_run=true", "stage=dpo", "data=preferences",
+                    run_dir=tmp_path / "dpo").stdout
+    batch = int(re.search(r"batch (\d+)", sft).group(1))
+    assert re.search(rf"batch {2 * batch}\b", dpo), dpo
 
 
 def test_dry_run_of_the_course_recipe(tmp_path):
@@ -71,9 +81,15 @@ def _final_adapter(run_dir):
 
 
 @pytest.mark.kernels
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(stage, tmp_path):
     overrides = [*TINY, "trainer.max_epochs=2", "lora.dropout=0.1", "name=resume",
                  "callbacks.last_checkpoint.every_n_train_steps=3"]
+    steps = 68  # 2 epochs of 34 steps
+    if stage == "dpo":  # 36 training pairs, 2 a batch
+        pairs = write_preference_pairs(tmp_path / "pairs.json", count=40)
+        overrides += ["stage=dpo", "data=preferences", f"data.path={pairs}", "data.batch_size=2"]
+        steps = 36
     run_train(*overrides, run_dir=tmp_path / "uninterrupted")
 
     first = tmp_path / "outputs" / "resume" / "first"
@@ -85,7 +101,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     killed_at = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < killed_at < 68  # really interrupted mid-run (2 epochs of 34 steps)
+    assert 0 < killed_at < steps  # really interrupted mid-run
 
     second = tmp_path / "outputs" / "resume" / "second"
     run_train(*overrides, "ckpt_path=last", run_dir=second)
@@ -158,3 +174,16 @@ def test_compiled_blocks_train_to_the_same_adapter(tmp_path):
     assert adapters[True].keys() == adapters[False].keys() and len(adapters[True]) > 0
     for name, tensor in adapters[False].items():
         torch.testing.assert_close(adapters[True][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dpo_from_a_supervised_adapter_starts_at_it_and_uses_it_as_reference(tmp_path):
+    """The policy starts from ``dpo.reference``, which is also the reference: the loss starts at log 2."""
+    run_train(*TINY, "lora.r=4", "lora.targets=[wq,wk]", "trainer.limit_train_batches=3", run_dir=tmp_path / "sft")
+    pairs = write_preference_pairs(tmp_path / "pairs.json", count=12)
+    run_train(*TINY, "stage=dpo", "data=preferences", f"data.path={pairs}", "data.val_size=4",
+              f"dpo.reference={tmp_path / 'sft'}", "trainer.max_steps=2", run_dir=tmp_path / "dpo")
+    sft, dpo = summary(tmp_path / "sft"), summary(tmp_path / "dpo")
+    assert dpo["val_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
+    assert dpo["trainable_parameters"] == sft["trainable_parameters"] and dpo["global_step"] == 2
+    adapter = torch.load(dpo["last_checkpoint"], weights_only=True)["state_dict"]
+    assert {k.rsplit(".", 2)[-2] for k in adapter} == {"wq", "wk"}

@@ -6,7 +6,7 @@ end-of-turn token) starts and ends, which is where template and masking bugs sho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,7 @@ class DataAudit:
     packed_fill: float | None = None  # their real tokens over the rows' capacity
     problems: tuple[str, ...] = ()  # pre-flight findings that would ruin the run (setup refuses them)
     eos: str = ""
+    prompts_truncated: int | None = None  # preference pairs: prompts that lost their oldest tokens
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "example"}
@@ -44,8 +45,10 @@ class DataAudit:
             f"  records: {self.records_read} read, {self.records_skipped} skipped (invalid), "
             f"{self.too_long} dropped (prompt longer than max_seq_length), {self.kept} kept "
             f"-> {self.train} train / {self.val} val",
-            f"  tokens per example: p50 {p['p50']}, p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; "
-            f"{self.truncated} truncated (EOS kept)",
+            f"  tokens per {'sequence' if self.prompts_truncated is not None else 'example'}: p50 {p['p50']}, "
+            f"p90 {p['p90']}, p99 {p['p99']}, max {p['max']}; {self.truncated} truncated (EOS kept)",
+            *([f"  pairs: chosen and rejected share each prompt; {self.prompts_truncated} prompts cut from the "
+               "left to fit"] if self.prompts_truncated is not None else []),
             f"  masked (prompt) tokens: {self.masked_ratio:.1%} of all tokens",
             *([f"  packed: {self.train} training examples in {self.packed_rows} rows, "
                f"{self.packed_fill:.1%} of their tokens real"] if self.packed_rows else []),
@@ -74,6 +77,21 @@ def audit(examples: list[Example], tokenizer: Tokenizer, *, source: str, records
         packed_fill=sum(len(e.input_ids) for e in examples[:train]) / (packed_rows * row_length) if packed_rows else None,
         problems=tuple(preflight(examples, tokenizer)), eos=tokenizer.id_to_token(tokenizer.eos_id),
     )
+
+
+def audit_pairs(pairs: list, tokenizer: Tokenizer, *, source: str, records_read: int, records_skipped: int,
+                too_long: int, train: int, val: int) -> DataAudit:
+    """The audit of preference pairs (``pair_encoding.PairExample``): their chosen and rejected
+    sequences as examples, how many prompts were cut, and one pair with both answers marked."""
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    report = audit(sequences, tokenizer, source=source, records_read=records_read, records_skipped=records_skipped,
+                   too_long=too_long, train=train, val=val)
+    first = pairs[0]
+    rejected = "".join(f"{BOUNDARY}{_with_special_tokens(tokens, tokenizer)}{END}"
+                       for tokens in supervised_runs(first.rejected))
+    return replace(report, kept=len(pairs), truncated=sum(p.answers_truncated for p in pairs),
+                   prompts_truncated=sum(p.prompt_truncated for p in pairs),
+                   example=f"{marked_spans(first.chosen, tokenizer)}\n(rejected instead:) {rejected}")
 
 
 def runs(example: Example) -> list[tuple[bool, list[int]]]:

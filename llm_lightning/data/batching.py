@@ -21,10 +21,11 @@ from llm_lightning.data.encoding import IGNORE_INDEX, Example
 
 
 class ExampleDataset(Dataset):
-    """Encoded examples, indexed by the batch sampler."""
+    """Encoded examples, indexed by the batch sampler. The list is held, not copied: what is
+    updated in it in place (a preference pair's reference log-probabilities) reaches the loader."""
 
-    def __init__(self, examples: Sequence[Example]) -> None:
-        self.examples = list(examples)
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -47,6 +48,9 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0
+        # Lightning sets the epoch of ``batch_sampler.sampler`` at every epoch start (as it would for
+        # torch's BatchSampler over an index sampler); this sampler is its own index sampler.
+        self.sampler = self
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this at every epoch start; the order depends only on (seed, epoch)."""

@@ -152,6 +152,13 @@ class AlpacaDataModule(L.LightningDataModule):
         if self.report.problems:
             raise DataError(f"{self.source} with template {self.template_name}: {self.report.problems[0]}")
 
+    @property
+    def loss_terms_per_batch(self) -> float:
+        """The mean supervised tokens of a full training batch (of examples, or of packed rows) over
+        the epoch: what ``token_weighting=epoch`` divides every step's summed loss by."""
+        items = len(self.train_rows) if self.packing else len(self.train_examples)
+        return sum(e.supervised_tokens for e in self.train_examples) / items * self.batch_size
+
     def _collate(self):
         return functools.partial(collate, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
 
@@ -163,7 +170,7 @@ class AlpacaDataModule(L.LightningDataModule):
             len(self.train_rows) if self.packing else len(self.train_examples), batch_size=self.batch_size,
             shuffle=True, seed=self.seed, rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
-            lengths=[len(e.input_ids) for e in self.train_examples] if grouped else None,
+            lengths=[len(e) for e in self.train_examples] if grouped else None,
         )
         if self._resume:
             # Lightning builds (and starts iterating) this loader before it restores the loops of a

@@ -28,6 +28,9 @@ class Example:
     prompt_length: int  # tokens before the first supervised one
     truncated: bool
 
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
     @property
     def supervised_tokens(self) -> int:
         """Tokens that contribute to the loss (labels are shifted by one against inputs)."""
@@ -51,7 +54,7 @@ def assistant_spans(messages: list[dict], template: ChatTemplate, tools=None) ->
     return text, spans
 
 
-def _token_bound(tokenizer: Tokenizer, text: str, chars: int, ids: list[int]) -> int:
+def token_bound(tokenizer: Tokenizer, text: str, chars: int, ids: list[int]) -> int:
     """How many of ``ids`` (the whole text's) cover ``text[:chars]``; when a token straddles the
     bound, the bound moves before it."""
     prefix = tokenizer.encode(text[:chars], bos=True)
@@ -71,7 +74,7 @@ def encode_conversation(conversation: Conversation, tokenizer: Tokenizer, templa
     ids = tokenizer.encode(text, bos=True)
     supervised = [False] * len(ids)
     for start, end in spans:
-        for position in range(_token_bound(tokenizer, text, start, ids), _token_bound(tokenizer, text, end, ids)):
+        for position in range(token_bound(tokenizer, text, start, ids), token_bound(tokenizer, text, end, ids)):
             supervised[position] = True
     if train_on_inputs:
         supervised = [True] * len(ids)

@@ -77,14 +77,19 @@ def _parse(path: Path) -> list:
     return data
 
 
-def read_records(source: str | Path, *, format: str = "auto", skip_invalid: bool = False,
-                 cache_dir: Path | None = None, sha256: str | None = None,
-                 need_answer: bool = True) -> tuple[list[Conversation], int]:
-    """(valid records as conversations, number skipped) from a path or URL."""
+def read_rows(source: str | Path, *, cache_dir: Path | None = None, sha256: str | None = None) -> tuple[list, str]:
+    """(the parsed JSON records, the local file they came from) of a path or URL."""
     source = str(source)
     if is_url(source):
         path = download(source, cache_dir or Path.home() / ".cache" / "llm_lightning", sha256)
     else:
         path = Path(source).expanduser()
-    return to_conversations(_parse(path), str(path), format=format, skip_invalid=skip_invalid,
-                            need_answer=need_answer)
+    return _parse(path), str(path)
+
+
+def read_records(source: str | Path, *, format: str = "auto", skip_invalid: bool = False,
+                 cache_dir: Path | None = None, sha256: str | None = None,
+                 need_answer: bool = True) -> tuple[list[Conversation], int]:
+    """(valid records as conversations, number skipped) from a path or URL."""
+    rows, path = read_rows(source, cache_dir=cache_dir, sha256=sha256)
+    return to_conversations(rows, path, format=format, skip_invalid=skip_invalid, need_answer=need_answer)

@@ -33,6 +33,9 @@ def evaluate(cfg: DictConfig) -> dict:
     model.eval()
     saved = (checkpoint.get("AlpacaDataModule") or {}).get("settings", {})
     overrides = {k: v for k, v in vars(settings.data).items() if v is not None}
+    if "PreferenceDataModule" in checkpoint and "path" not in overrides:
+        raise UserFacingError(f"{path}: trained on preference pairs (stage=dpo); evaluate scores answers to "
+                              "instructions or conversations: pass data.path=FILE of those")
     datamodule = AlpacaDataModule(tokenizer=tokenizer, **{**saved, **overrides})
     split = settings.split.value
     if split == "val":

@@ -23,13 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_lightning import cpu_kernels
 from llm_lightning.loading import load_base_model
-from llm_lightning.adapter import read_training_checkpoint
+from llm_lightning.adapter import load_adapter, read_training_checkpoint
 from llm_lightning.callbacks import ResourceMonitor
 from llm_lightning.checkpoint_paths import LAST, resolve_checkpoint
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.dry_run import estimate, format_report
 from llm_lightning.errors import UserFacingError
-from llm_lightning.lora import apply_lora, count_parameters
+from llm_lightning.dpo import DPOFineTuner
+from llm_lightning.lora import apply_lora, count_parameters, lora_config_of, lora_state_dict
 from llm_lightning.module import LoRAFineTuner
 from llm_lightning.precision import HalfPrecisionFP32Adapters, Precision
 from llm_lightning.provenance import build_provenance
@@ -84,15 +85,17 @@ def build_logger(logger_cfg: DictConfig | None):
     return instantiate(logger_cfg)
 
 
-def dry_run(cfg: DictConfig) -> dict[str, Any]:
+def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     config = LLaMAConfig.from_name(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
     lora = lora_config(cfg.lora)
     precision = Precision.parse(cfg.trainer.precision)
     checkpointing = bool(cfg.model.get("activation_checkpointing", False))
-    result = estimate(config, lora, precision=precision, batch_size=cfg.data.batch_size,
+    # A preference pair is two sequences (chosen and rejected) in one forward.
+    sequences = cfg.data.batch_size * (2 if pairs else 1)
+    result = estimate(config, lora, precision=precision, batch_size=sequences,
                       seq_len=cfg.data.max_seq_length, checkpointing=checkpointing)
     print(format_report(config.name, lora, result, precision=precision,
-                        batch_size=cfg.data.batch_size, seq_len=cfg.data.max_seq_length,
+                        batch_size=sequences, seq_len=cfg.data.max_seq_length,
                         checkpointing=checkpointing))
     return result
 
@@ -125,9 +128,9 @@ def _validation_loss(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> f
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    to_settings(cfg)  # every typed group's checks, before anything is loaded
+    settings = to_settings(cfg)  # every typed group's checks, before anything is loaded
     if cfg.get("dry_run"):
-        return dry_run(cfg)
+        return dry_run(cfg, pairs=settings.stage.name == "dpo")
     precision = check_precision(cfg.trainer)
     if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
         print(cpu_kernels.describe())
@@ -141,7 +144,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     print(datamodule.report.format())
     provenance = build_provenance(model, tokenizer, datamodule.template)
-    apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
+    reference_adapter = None
+    if settings.dpo.reference and settings.stage.name == "dpo":
+        # The policy starts from the supervised adapter that is also the reference, so its LoRA shape rules.
+        load_adapter(model, tokenizer, resolve_checkpoint(settings.dpo.reference), force=cfg.force_adapter_load)
+        lora = lora_config_of(model)
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            parameter.data = parameter.data.float()  # fp32 adapters whatever the base's dtype
+        reference_adapter = {k: v.clone() for k, v in lora_state_dict(model).items()}
+        print(f"dpo.reference={settings.dpo.reference}: reference and starting point, LoRA r={lora.r} "
+              f"on {', '.join(lora.targets)}")
+    else:
+        apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters whatever the base's dtype
     if cfg.get("compile"):
         # Block by block, in place: parameter names (and so checkpoints) stay unchanged, and the
         # fused loss and activation checkpointing stay outside the compiled graphs.
@@ -150,9 +164,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
     trainable, total = count_parameters(model)
 
-    module = LoRAFineTuner(model, lora=lora, optimizer=instantiate(cfg.optimizer),
-                           warmup_steps=cfg.scheduler.warmup_steps, min_lr=cfg.scheduler.min_lr,
-                           provenance=provenance, force_adapter_load=cfg.force_adapter_load)
+    common = dict(lora=lora, optimizer=instantiate(cfg.optimizer), warmup_steps=cfg.scheduler.warmup_steps,
+                  min_lr=cfg.scheduler.min_lr, provenance=provenance, force_adapter_load=cfg.force_adapter_load,
+                  token_weighting=settings.token_weighting.name)
+    if settings.stage.name == "dpo":
+        module = DPOFineTuner(model, dpo=settings.dpo.config(), reference_adapter=reference_adapter,
+                              reference_batch_size=datamodule.eval_batch_size, **common)
+    else:
+        module = LoRAFineTuner(model, **common)
     logger = build_logger(cfg.get("logger"))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not logger:  # these only report to a logger, and Lightning refuses them without one
