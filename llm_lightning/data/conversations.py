@@ -142,19 +142,28 @@ def to_conversations(rows: list, source: str, *, format: str = "auto", skip_inva
         raise DataError(f"data.format={format}: expected one of {', '.join(FORMATS)}")
     if format == "auto":
         format = detect_format(rows[0], source) if rows else "alpaca"
-    parse = PARSERS[format]
-    conversations, skipped = [], 0
+
+    def parse(row: dict) -> Conversation:
+        conversation = PARSERS[format](row)
+        if need_answer and not any(m["role"] == "assistant" for m in conversation.messages):
+            raise RecordError("has no assistant turn to learn from")
+        return conversation
+
+    return parse_records(rows, source, parse, kind=f"{format} format", skip_invalid=skip_invalid)
+
+
+def parse_records(rows: list, source: str, parse, *, kind: str, skip_invalid: bool) -> tuple[list, int]:
+    """(what ``parse`` makes of each row, number skipped): a bad row is one line naming the file,
+    the record's index and (through ``RecordError``) the field, or is skipped and counted."""
+    parsed, skipped = [], 0
     for index, row in enumerate(rows):
         try:
             if not isinstance(row, dict):
                 raise RecordError(f"is a {type(row).__name__}, expected an object")
-            conversation = parse(row)
-            if need_answer and not any(m["role"] == "assistant" for m in conversation.messages):
-                raise RecordError("has no assistant turn to learn from")
-            conversations.append(conversation)
+            parsed.append(parse(row))
         except RecordError as exc:
             if not skip_invalid:
-                raise DataError(f"{source}: record {index} {exc} ({format} format; set data.skip_invalid=true "
+                raise DataError(f"{source}: record {index} {exc} ({kind}; set data.skip_invalid=true "
                                 "to skip such records)") from None
             skipped += 1
-    return conversations, skipped
+    return parsed, skipped

@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from llm_lightning.data.conversations import Conversation, RecordError, from_messages, from_sharegpt
+from llm_lightning.data.conversations import (Conversation, RecordError, from_messages, from_sharegpt,
+                                              parse_records)
 from llm_lightning.errors import DataError
 from llm_lightning.prompts import user_message
 
@@ -114,19 +115,11 @@ def to_pairs(rows: list, source: str, *, format: str = "auto",
         raise DataError(f"data.format={format}: expected one of {', '.join(PREFERENCE_FORMATS)} for preference data")
     if format == "auto":
         format = detect_preference_format(rows[0], source) if rows else "flat"
-    parse = PARSERS[format]
-    pairs, skipped = [], 0
-    for index, row in enumerate(rows):
-        try:
-            if not isinstance(row, dict):
-                raise RecordError(f"is a {type(row).__name__}, expected an object")
-            pair = parse(row)
-            if pair.chosen == pair.rejected:
-                raise RecordError("has the same text for 'chosen' and 'rejected'")
-            pairs.append(pair)
-        except RecordError as exc:
-            if not skip_invalid:
-                raise DataError(f"{source}: record {index} {exc} ({format} preference format; set "
-                                "data.skip_invalid=true to skip such records)") from None
-            skipped += 1
-    return pairs, skipped
+
+    def parse(row: dict) -> PreferencePair:
+        pair = PARSERS[format](row)
+        if pair.chosen == pair.rejected:
+            raise RecordError("has the same text for 'chosen' and 'rejected'")
+        return pair
+
+    return parse_records(rows, source, parse, kind=f"{format} preference format", skip_invalid=skip_invalid)
