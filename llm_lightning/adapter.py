@@ -17,6 +17,7 @@ from llm_lightning.lora import LoRAConfig, apply_lora, load_lora_state_dict
 from llm_lightning.model import LLaMA
 from llm_lightning.prompts import ChatTemplate, bind, get_template
 from llm_lightning.provenance import build_provenance, check_provenance
+from llm_lightning.reward_model import HEAD_KEY, score_head
 from llm_lightning.tokenizer import Tokenizer
 
 MODULE_PREFIX = "model."  # the LightningModule holds the LLaMA as ``self.model``
@@ -36,25 +37,53 @@ def read_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force: bool = False) -> dict[str, Any]:
+def checkpoint_stage(path: str | Path) -> str:
+    """What trained the adapter at ``path``: ``sft``, ``dpo`` or ``rm`` (a PEFT adapter dir: ``sft``)."""
+    if is_peft_adapter(Path(path)):
+        return "sft"
+    return read_training_checkpoint(path).get("stage", "sft")
+
+
+def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force: bool = False,
+                 reward_model: bool = False) -> dict[str, Any]:
     """Apply an adapter to ``model``: a training checkpoint (layout, weights and provenance checks)
-    or a PEFT adapter directory (which carries no provenance). Returns the checkpoint's contents."""
+    or a PEFT adapter directory (which carries no provenance). Returns the checkpoint's contents.
+    A reward model's checkpoint (``stage=rm``) is refused unless ``reward_model`` (``load_reward_model``)."""
     path = Path(path)
-    if is_peft_adapter(path):
+    if is_peft_adapter(path) and not reward_model:
         return load_peft_adapter(model, path)
     checkpoint = read_training_checkpoint(path)
+    stage = checkpoint.get("stage", "sft")
+    if stage == "rm" and not reward_model:
+        raise CheckpointError(f"{path}: a reward model (stage=rm) scores answers, it does not write them: "
+                              "python -m llm_lightning.score ckpt_path=... (or evaluate.py)")
+    if reward_model and stage != "rm":
+        raise CheckpointError(f"{path}: trained with stage={stage}, not a reward model (stage=rm)")
     provenance = checkpoint.get("provenance") or {}
     check_provenance(provenance, build_provenance(model, tokenizer), source=str(path), force=force,
                      keys=("base_weights", "tokenizer"))
     settings = dict(checkpoint["lora_config"])
     apply_lora(model, LoRAConfig(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
                                  targets=tuple(settings["targets"])))
-    adapter = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()}
+    adapter = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()
+               if not (reward_model and k == HEAD_KEY)}
     try:
         load_lora_state_dict(model, adapter)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     return checkpoint
+
+
+def load_reward_model(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *,
+                      force: bool = False) -> tuple[torch.nn.Linear, dict[str, Any]]:
+    """Apply a reward model's adapter to ``model``; returns its score head and the checkpoint."""
+    checkpoint = load_adapter(model, tokenizer, path, force=force, reward_model=True)
+    head = score_head(model.config)
+    weight = checkpoint["state_dict"].get(HEAD_KEY)
+    if weight is None or weight.shape != head.weight.shape:
+        raise CheckpointError(f"{path}: no score head of shape {tuple(head.weight.shape)} ({HEAD_KEY})")
+    head.weight.data.copy_(weight)
+    return head.to(model.tok_embeddings.weight.device).eval(), checkpoint
 
 
 def trained_template(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> ChatTemplate | None:

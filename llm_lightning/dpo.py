@@ -15,7 +15,7 @@ gradient is the mean over the pairs of its window.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -24,16 +24,18 @@ from llm_lightning.lora import lora_disabled, lora_state_dict, load_lora_state_d
 from llm_lightning.loss import sequence_log_probs
 from llm_lightning.model import LLaMA
 from llm_lightning.module import LoRAFineTuner
-from llm_lightning.preference_loss import DPOConfig, dpo_loss, preference_logits
+from llm_lightning.preference_loss import DPOConfig, dpo_loss, preference_logits, reward_metrics
 
 class DPOFineTuner(LoRAFineTuner):
+    stage = "dpo"
     reports_perplexity = False
 
     def __init__(self, model: LLaMA, *, dpo: DPOConfig, reference_adapter: Mapping[str, torch.Tensor] | None = None,
-                 reference_batch_size: int = 8, **kwargs) -> None:
+                 reference_path: str | None = None, reference_batch_size: int = 8, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.dpo = dpo
         self.reference_adapter = reference_adapter
+        self.reference_path = reference_path  # where reference_adapter came from, for evaluate
         self.reference_batch_size = reference_batch_size
 
     def _log_probs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,14 +54,14 @@ class DPOFineTuner(LoRAFineTuner):
         losses = dpo_loss(logits, self.dpo)
         pairs = len(logits)
         rewards = self.dpo.beta * (policy - reference.to(policy.dtype)).detach()
-        chosen, rejected = rewards[:pairs], rewards[pairs:]
-        metrics = {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-                   "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": (chosen > rejected).float().mean(),
+        metrics = {**reward_metrics(rewards[:pairs], rewards[pairs:]),
                    "logps/chosen": policy[:pairs].detach().mean(), "logps/rejected": policy[pairs:].detach().mean()}
-        for name, value in metrics.items():
-            self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage != "train", batch_size=pairs,
-                     prog_bar=name == "rewards/accuracy")
+        self.log_stage_metrics(stage, metrics, pairs)
         return losses.sum(), torch.tensor(pairs, device=losses.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dpo"] = {**asdict(self.dpo), "reference": self.reference_path}
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -97,14 +99,23 @@ class DPOFineTuner(LoRAFineTuner):
             pairs[:] = reference_log_probs(self.model, pairs, datamodule.tokenizer.pad_id, self.reference_batch_size)
 
 
-def reference_log_probs(model: LLaMA, pairs: list[PairExample], pad_id: int, batch_size: int) -> list[PairExample]:
-    """The pairs, each with ``model``'s summed log-probabilities of its chosen and rejected answers."""
+@torch.no_grad()
+def pair_log_probs(model: LLaMA, pairs: list[PairExample], pad_id: int,
+                   batch_size: int) -> list[tuple[float, float, int, int]]:
+    """Per pair, ``model``'s summed log-probabilities of its chosen and rejected answers, and their
+    token counts: (chosen, rejected, chosen tokens, rejected tokens)."""
     device = next(model.parameters()).device
     scored = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         batch = collate_pairs(chunk, pad_id=pad_id)
-        log_probs, _ = sequence_log_probs(model, batch["input_ids"].to(device), batch["labels"].to(device))
-        log_probs = log_probs.double().cpu().tolist()
-        scored += [replace(p, reference=(log_probs[i], log_probs[len(chunk) + i])) for i, p in enumerate(chunk)]
+        log_probs, counts = sequence_log_probs(model, batch["input_ids"].to(device), batch["labels"].to(device))
+        log_probs, counts, n = log_probs.double().cpu().tolist(), counts.cpu().tolist(), len(chunk)
+        scored += [(log_probs[i], log_probs[n + i], counts[i], counts[n + i]) for i in range(n)]
     return scored
+
+
+def reference_log_probs(model: LLaMA, pairs: list[PairExample], pad_id: int, batch_size: int) -> list[PairExample]:
+    """The pairs, each with ``model``'s summed log-probabilities of its chosen and rejected answers."""
+    scored = pair_log_probs(model, pairs, pad_id, batch_size)
+    return [replace(p, reference=(chosen, rejected)) for p, (chosen, rejected, _, _) in zip(pairs, scored)]

@@ -41,6 +41,7 @@ class NonFiniteLossError(UserFacingError):
 
 
 class LoRAFineTuner(L.LightningModule):
+    stage = "sft"  # recorded in checkpoints: what the tools that read them do with the adapter
     reports_perplexity = True  # the loss is a mean token NLL
 
     def __init__(self, model: LLaMA, *, lora: LoRAConfig, optimizer: OptimizerFactory,
@@ -82,6 +83,17 @@ class LoRAFineTuner(L.LightningModule):
         per_token = (4 if backward else 2) * self._matmul_parameters
         per_token += (12 if backward else 4) * config.n_layers * config.dim * seq_len
         return batch_size * seq_len * per_token
+
+    @staticmethod
+    def is_checkpointed(name: str) -> bool:
+        """Whether a state-dict entry is trained, and so saved: the LoRA tensors (and a subclass's own head)."""
+        return is_lora_parameter(name)
+
+    def log_stage_metrics(self, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Per step in training, per epoch in validation; accuracy on the progress bar."""
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage != "train",
+                     batch_size=batch_size, prog_bar=name.endswith("accuracy"))
 
     def loss_terms(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of terms summed) of a batch: here the NLL of its supervised tokens.
@@ -127,7 +139,7 @@ class LoRAFineTuner(L.LightningModule):
                 if self.trainer.world_size > 1:
                     tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
             self._window_count = 0
-            for parameter in self.model.parameters():
+            for parameter in self.parameters():
                 if parameter.grad is not None:
                     parameter.grad.div_(tokens.clamp(min=1))
             return result
@@ -147,7 +159,7 @@ class LoRAFineTuner(L.LightningModule):
         self.val_loss.reset()
 
     def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.warmup_steps, total_steps - 1)
@@ -163,7 +175,7 @@ class LoRAFineTuner(L.LightningModule):
     # -- checkpoints: adapter only, with provenance and RNG state -------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_lora_parameter(k)}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if self.is_checkpointed(k)}
         broken = [k for k, v in checkpoint["state_dict"].items() if not torch.isfinite(v).all()]
         if broken:  # raising here keeps the previous (good) checkpoint file in place
             raise NonFiniteLossError(
@@ -171,6 +183,7 @@ class LoRAFineTuner(L.LightningModule):
                 "not saving them, the last checkpoint is intact; try a lower optimizer.lr"
             )
         checkpoint["provenance"] = dict(self.provenance)
+        checkpoint["stage"] = self.stage
         checkpoint["lora_config"] = {**asdict(self.lora_config), "targets": list(self.lora_config.targets)}
         checkpoint["model_config"] = self.model.config.to_dict()
         checkpoint["rng_state"] = torch.get_rng_state()
@@ -180,11 +193,11 @@ class LoRAFineTuner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = "checkpoint"
         check_provenance(checkpoint.get("provenance"), self.provenance, source=source, force=self.force_adapter_load)
-        expected = {k for k in self.state_dict() if is_lora_parameter(k)}
+        expected = {k for k in self.state_dict() if self.is_checkpointed(k)}
         present = set(checkpoint["state_dict"])
         if present != expected:
             raise CheckpointError(
-                f"{source}: holds {len(present & expected)} of {len(expected)} LoRA tensors of this model "
+                f"{source}: holds {len(present & expected)} of {len(expected)} trained tensors of this model "
                 f"and {len(present - expected)} others; was it trained with a different lora.r/targets?"
             )
         if "rng_state" in checkpoint:

@@ -7,6 +7,9 @@ With h = (log pi(chosen) - log pi(rejected)) - (log ref(chosen) - log ref(reject
 - ``ipo`` (Azar et al., 2023): (h - 1 / (2 beta))^2, on log-probabilities averaged per answer token,
   as the IPO paper defines them (the caller averages);
 - ``hinge`` (SLiC): max(0, 1 - beta h).
+
+The reward model's Bradley-Terry loss, -log sigma(r_chosen - r_rejected - margin), is here too
+(``bradley_terry_loss``), and the reward statistics both log (``reward_metrics``).
 """
 
 from __future__ import annotations
@@ -50,3 +53,25 @@ def dpo_loss(logits: torch.Tensor, config: DPOConfig) -> torch.Tensor:
     if config.loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2
     return torch.relu(1 - beta * logits)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigma(r_chosen - r_rejected - margin), per pair."""
+    difference = chosen - rejected
+    if margins is not None:
+        difference = difference - margins.to(difference.dtype)
+    return -F.logsigmoid(difference)
+
+
+def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """How often chosen scores above rejected, a tie counting half: a model that cannot tell the
+    answers apart (the policy at its reference, a reward head at zero) scores 0.5."""
+    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean()
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Means over the pairs of the two rewards, their margin, and the pairwise accuracy (no gradient)."""
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margin": (chosen - rejected).mean(),
+            "rewards/accuracy": pairwise_accuracy(chosen, rejected).to(chosen.dtype)}

@@ -28,7 +28,7 @@ DType = Enum("DType", {name: name for name in ("float32", "bfloat16", "float16")
 TemplateName = Enum("TemplateName", {name: name for name in TEMPLATE_NAMES})
 Quantize = Enum("Quantize", {name: name for name in ("auto", "int8", "int4")})
 TokenWeighting = Enum("TokenWeighting", {name: name for name in TOKEN_WEIGHTINGS})
-Stage = Enum("Stage", {name: name for name in ("sft", "dpo")})
+Stage = Enum("Stage", {name: name for name in ("sft", "dpo", "rm")})
 DPOLoss = Enum("DPOLoss", {name: name for name in LOSS_TYPES})
 PREFERENCE_DATA = "llm_lightning.data.PreferenceDataModule"
 
@@ -146,11 +146,11 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         preference_data = self.data._target_ == PREFERENCE_DATA
-        if self.stage == Stage.dpo and not preference_data:
-            raise SettingError("stage=dpo: expected preference data (data=preferences), got data._target_="
+        if self.stage != Stage.sft and not preference_data:
+            raise SettingError(f"stage={self.stage.name}: expected preference data (data=preferences), got data._target_="
                                f"{self.data._target_}")
         if self.stage == Stage.sft and preference_data:
-            raise SettingError("data=preferences holds preference pairs: train on them with stage=dpo")
+            raise SettingError("data=preferences holds preference pairs: train on them with stage=dpo or stage=rm")
 
 
 def torch_device(name: str) -> torch.device:
@@ -291,6 +291,22 @@ class ExportSettings(AdapterSettings):
             raise SettingError("export needs output_dir=DIR (where the exported files go)")
 
 
+@dataclass
+class ScoreSettings(AdapterSettings):
+    """``python -m llm_lightning.score``: a reward model, the answers to score, where the scores go."""
+
+    input: Optional[str] = None
+    output: str = "scores.jsonl"
+    max_seq_length: Optional[int] = None  # null: the one the reward model was trained with
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _require_checkpoint("score", self.ckpt_path)
+        if not self.input:
+            raise SettingError("score needs input=FILE (answers or preference pairs, JSON or JSONL)")
+        _require_at_least_one(max_seq_length=self.max_seq_length, batch_size=self.batch_size)
+
+
 def register() -> None:
     """Put the schemas where the config files name them (``defaults: [generate_schema, ...]``)."""
     store = ConfigStore.instance()
@@ -298,6 +314,7 @@ def register() -> None:
     store.store(name="train_schema", node=TrainSettings)
     store.store(name="evaluate_schema", node=EvaluateSettings)
     store.store(name="export_schema", node=ExportSettings)
+    store.store(name="score_schema", node=ScoreSettings)
 
 
 def to_settings(cfg: DictConfig) -> Any:

@@ -77,6 +77,15 @@ CASES = [
      "data.format=messages: expected one of auto, sharegpt, flat, alpaca"),
     ("train", [*TINY, "stage=dpo", "dpo.beta=0"], "dpo.beta=0.0: expected a number > 0"),
     ("train", [*TINY, "stage=dpo", "dpo.loss_type=kto"], "Invalid value 'kto', expected one of [sigmoid, ipo, hinge]"),
+    ("train", [*TINY, "stage=rm"], "stage=rm: expected preference data (data=preferences)"),
+    ("train", [*TINY, "stage=rm", "data=preferences", "data.path={tmp}/margin.json"],
+     "margin.json: record 0 field 'margin' is 'big', expected a finite number"),
+    ("llm_lightning.score", ["input={tmp}/pairs.json"], "score needs ckpt_path=..."),
+    ("llm_lightning.score", ["ckpt_path={tmp}/foreign.ckpt"], "score needs input=FILE"),
+    ("llm_lightning.score", ["ckpt_path={tmp}/foreign.ckpt", "input={tmp}/unanswered.json"],
+     "unanswered.json: record 0 ends with a user turn; expected the assistant's answer"),
+    ("llm_lightning.score", ["ckpt_path={tmp}/sft.ckpt", "input={tmp}/answers.json"],
+     "sft.ckpt: trained with stage=sft, not a reward model (stage=rm)"),
     ("evaluate", [], "evaluate needs ckpt_path=..."),
     ("evaluate", ["ckpt_path={tmp}/missing.ckpt", "split=test"], "Invalid value 'test', expected one of [val, all]"),
     ("evaluate", ["ckpt_path={tmp}/corrupt.ckpt"], "corrupt.ckpt: not a readable training checkpoint"),
@@ -107,6 +116,11 @@ def bad_files(tmp_path_factory, default_gguf_path) -> Path:
                                     '"content": "b"}]}, {"messages": [{"role": "user", "content": "a"}, '
                                     '{"role": "robot", "content": "b"}]}]')
     (root / "pairs.json").write_text('[{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]')
+    (root / "margin.json").write_text('[{"prompt": "a", "chosen": "b", "rejected": "c", "margin": "big"}]')
+    (root / "answers.json").write_text('[{"prompt": "a", "response": "b"}]')
+    (root / "unanswered.json").write_text('[{"messages": [{"role": "user", "content": "a"}]}]')
+    torch.save({"lora_config": {"r": 2, "alpha": 4, "dropout": 0.0, "targets": ["wq"]}, "state_dict": {},
+                "stage": "sft"}, root / "sft.ckpt")
     (root / "corrupt.ckpt").write_bytes(b"\x00not a checkpoint" * 10)
     torch.save({"epoch": 1, "weights": torch.zeros(2)}, root / "foreign.ckpt")
     (root / "truncated.gguf").write_bytes(default_gguf_path.read_bytes()[:4096])
@@ -120,7 +134,8 @@ def test_bad_input_gives_one_line_and_exit_2(tool, arguments, expected, bad_file
     if tool == "train":
         arguments.append(f"hydra.run.dir={tmp_path / 'run'}")
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, f"{tool}.py", *arguments], cwd=REPO,
+    command = ["-m", tool] if tool.startswith("llm_lightning.") else [f"{tool}.py"]
+    result = subprocess.run([sys.executable, *command, *arguments], cwd=REPO,
                             capture_output=True, text=True, timeout=SECONDS * 2,
                             env={**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": ""})
     elapsed = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity is exp(mean token NLL) over responses; the CLI compares base and tuned."""
+"""Evaluation: perplexity is exp(mean token NLL) over responses; the CLI compares base and tuned,
+and ranks preference pairs for a DPO run."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import math
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig
-from llm_lightning.data import IGNORE_INDEX, encode_conversation
+from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
+from llm_lightning.adapter import load_adapter
+from llm_lightning.data import IGNORE_INDEX, PreferenceDataModule, encode_conversation
 from llm_lightning.data.conversations import from_alpaca
 from llm_lightning.loading import embedded_tokenizer
+from llm_lightning.lora import lora_disabled
 from llm_lightning.metrics import perplexity, rouge_l
 from llm_lightning.prompts import get_template
-from tests.conftest import make_hf_llama, save_hf_dir
+from tests.conftest import make_hf_llama, save_hf_dir, write_preference_pairs
+from tests.test_dpo import direct_log_probs
 from tests.train_runner import run_tool, run_train
 
 
@@ -61,3 +65,38 @@ def test_evaluate_cli_compares_base_and_fine_tuned(tmp_path, tiny_tokenizer_dir)
              "split=all", "max_examples=3", "max_new_tokens=4", f"output={output}")
     whole = json.loads(output.read_text())
     assert whole["examples"] == 3 and whole["split"] == "all"
+
+
+def test_evaluate_ranks_held_out_pairs_by_the_dpo_implicit_reward(tmp_path, tiny_tokenizer_dir):
+    base = save_hf_dir(make_hf_llama(n_kv_heads=2), tmp_path / "base", tiny_tokenizer_dir)
+    pairs = write_preference_pairs(tmp_path / "pairs.json", count=12)
+    run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "stage=dpo", "data=preferences",
+              f"data.path={pairs}", "data.val_size=4", "data.max_seq_length=128", "data.batch_size=2", "dpo.beta=0.5",
+              "trainer.max_epochs=1", "lora.r=4", "optimizer.lr=3e-2", "scheduler.warmup_steps=0",
+              run_dir=tmp_path / "run")
+    output = tmp_path / "eval.json"
+    printed = run_tool("evaluate", f"ckpt_path={tmp_path / 'run'}", f"model.source={base}", f"output={output}")
+    assert printed.stdout.strip().splitlines()[-1] == f"results: {output}"
+    results = json.loads(output.read_text())
+    assert results["pairs"] == 4 and results["stage"] == "dpo"
+    assert results["base"]["reward_accuracy"] == 0.5 and results["base"]["reward_margin"] == 0.0
+
+    # The implicit reward, computed directly: beta * (policy - base) log-probabilities of each answer.
+    model, tokenizer = load_pretrained(base)
+    checkpoint = load_adapter(model, tokenizer, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    data = PreferenceDataModule(tokenizer=tokenizer, **checkpoint["PreferenceDataModule"]["settings"])
+    data.setup()
+    batch = data._collate()(data.val_examples)
+    with torch.no_grad():
+        policy, _ = direct_log_probs(model.eval(), batch)
+        with lora_disabled(model):
+            reference, _ = direct_log_probs(model, batch)
+    rewards = 0.5 * (policy - reference)
+    chosen, rejected = rewards[:4], rewards[4:]
+    assert (chosen != rejected).all()
+    assert results["reward_accuracy"] == (chosen > rejected).float().mean().item()
+    assert results["reward_margin"] == pytest.approx((chosen - rejected).mean().item(), abs=1e-4)
+
+    run_tool("evaluate", f"ckpt_path={tmp_path / 'run'}", f"model.source={base}", "split=all", "max_examples=3",
+             f"output={output}")
+    assert json.loads(output.read_text())["pairs"] == 3

@@ -19,7 +19,7 @@ import torch
 from tests.conftest import shared_file, write_preference_pairs
 from tests.train_runner import REPO, TINY, run_train, summary
 
-EXPERIMENTS = ["quickstart", "chat_quickstart", "dpo_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
+EXPERIMENTS = ["quickstart", "chat_quickstart", "dpo_quickstart", "rm_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -30,19 +30,20 @@ def test_fast_dev_run_of_every_experiment(experiment, tmp_path):
     if experiment == "chat_quickstart":  # its data lies beside the checkout
         shared_file("glaive_toolcall_en_demo.json")
         overrides.remove("data.max_seq_length=128")
-    if experiment == "dpo_quickstart":
+    if experiment in ("dpo_quickstart", "rm_quickstart"):
         shared_file("dpo_en_demo_240.json")
     run_train(*overrides, run_dir=tmp_path)
     result = summary(tmp_path)
     assert result["global_step"] == 1 and result["trainable_parameters"] > 0
 
 
-def test_dry_run_sizes_a_preference_pair_as_two_sequences(tmp_path):
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
+def test_dry_run_sizes_a_preference_pair_as_two_sequences(stage, tmp_path):
     sft = run_train("experiment=seed_llama2_7b", "dry_run=true", run_dir=tmp_path / "sft").stdout
-    dpo = run_train("experiment=seed_llama2_7b", "dry_run=true", "stage=dpo", "data=preferences",
-                    run_dir=tmp_path / "dpo").stdout
+    pairs = run_train("experiment=seed_llama2_7b", "dry_run=true", f"stage={stage}", "data=preferences",
+                      run_dir=tmp_path / stage).stdout
     batch = int(re.search(r"batch (\d+)", sft).group(1))
-    assert re.search(rf"batch {2 * batch}\b", dpo), dpo
+    assert re.search(rf"batch {2 * batch}\b", pairs), pairs
 
 
 def test_dry_run_of_the_course_recipe(tmp_path):
@@ -81,14 +82,14 @@ def _final_adapter(run_dir):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(stage, tmp_path):
     overrides = [*TINY, "trainer.max_epochs=2", "lora.dropout=0.1", "name=resume",
                  "callbacks.last_checkpoint.every_n_train_steps=3"]
     steps = 68  # 2 epochs of 34 steps
-    if stage == "dpo":  # 36 training pairs, 2 a batch
+    if stage != "sft":  # 36 training pairs, 2 a batch
         pairs = write_preference_pairs(tmp_path / "pairs.json", count=40)
-        overrides += ["stage=dpo", "data=preferences", f"data.path={pairs}", "data.batch_size=2"]
+        overrides += [f"stage={stage}", "data=preferences", f"data.path={pairs}", "data.batch_size=2"]
         steps = 36
     run_train(*overrides, run_dir=tmp_path / "uninterrupted")
 

@@ -26,8 +26,10 @@ def run_train(*overrides: str, run_dir: Path | None = None, check: bool = True,
 
 
 def run_tool(tool: str, *overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python <tool>.py`` (evaluate, export, generate) as users run it, from the repository root."""
-    result = subprocess.run([sys.executable, f"{tool}.py", *overrides], cwd=REPO, capture_output=True, text=True,
+    """``python <tool>.py`` (evaluate, export, generate), or ``python -m <tool>`` for a module
+    (``llm_lightning.score``), as users run it, from the repository root."""
+    command = ["-m", tool] if tool.startswith("llm_lightning.") else [f"{tool}.py"]
+    result = subprocess.run([sys.executable, *command, *overrides], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{tool}.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

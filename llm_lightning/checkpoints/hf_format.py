@@ -210,13 +210,25 @@ def hf_state_dict(model: LLaMA) -> dict[str, torch.Tensor]:
             for name, tensor in model.state_dict().items() if not is_lora_parameter(name)}
 
 
-def save_hf_checkpoint(model: LLaMA, directory: Path, *, bos_id: int | None = None, eos_id: int | None = None) -> None:
+def save_hf_checkpoint(model: LLaMA, directory: Path, *, bos_id: int | None = None, eos_id: int | None = None,
+                       score_head: torch.nn.Linear | None = None, pad_id: int | None = None) -> None:
+    """A ``LlamaForCausalLM`` directory; with ``score_head`` (a reward model), a
+    ``LlamaForSequenceClassification`` one instead: the trunk, no LM head, the head as ``score``, and
+    ``pad_token_id`` = ``pad_id``, from which transformers finds the last non-pad token to score."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config(model.config, bos_id=bos_id, eos_id=eos_id), indent=2))
-    save_file({k: v.cpu() for k, v in hf_state_dict(model).items()}, directory / "model.safetensors",
-              metadata={"format": "pt"})
+    config = hf_config(model.config, bos_id=bos_id, eos_id=eos_id)
+    state = hf_state_dict(model)
+    if score_head is not None:
+        if pad_id is None:
+            raise ValueError("a sequence-classification export needs the pad id its scores are read by")
+        config.update(architectures=["LlamaForSequenceClassification"], num_labels=1, pad_token_id=pad_id,
+                      id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        state.pop("lm_head.weight", None)
+        state["score.weight"] = score_head.weight.detach().contiguous()
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.cpu() for k, v in state.items()}, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def transformers_twin(model: LLaMA):

@@ -33,6 +33,7 @@ class PairExample:
     answers_truncated: bool = False
     # The reference model's summed log-probabilities of (chosen, rejected), once computed (dpo.py).
     reference: tuple[float, float] | None = None
+    margin: float = 0.0  # the record's margin (reward model only)
 
     def sequence(self, answer: list[int]) -> Example:
         ids = self.prompt_ids + answer
@@ -88,14 +89,15 @@ def encode_pair(pair: PreferencePair, tokenizer: Tokenizer, template: ChatTempla
     if answers_truncated:
         chosen, rejected = ([*answer[:answer_budget - 1], tokenizer.eos_id] if len(answer) > answer_budget else answer
                             for answer in (chosen, rejected))
-    return PairExample(prompt, chosen, rejected, prompt_truncated, answers_truncated)
+    return PairExample(prompt, chosen, rejected, prompt_truncated, answers_truncated, margin=pair.margin or 0.0)
 
 
 def collate_pairs(pairs: list[PairExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """The chosen sequences then the rejected ones, as one batch (one forward for both), and the
-    reference log-probabilities when the pairs carry them."""
+    reference log-probabilities when the pairs carry them, and each pair's margin."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id=pad_id,
                     pad_to_multiple_of=pad_to_multiple_of)
+    batch["margins"] = torch.tensor([p.margin for p in pairs])
     if all(p.reference is not None for p in pairs):
         batch["reference_log_probs"] = torch.tensor([p.reference[0] for p in pairs] + [p.reference[1] for p in pairs],
                                                     dtype=torch.float64)

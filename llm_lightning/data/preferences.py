@@ -9,12 +9,16 @@
 - ``alpaca``: ``{"instruction", "input", "chosen", "rejected"}`` strings, a single-turn instruction;
 - ``auto``: whichever the first record's keys name.
 
+Any record may carry a numeric ``margin``: how much better the chosen answer is (Llama 2's reward
+model adds it inside the Bradley-Terry loss; ``reward_model.py``). DPO ignores it.
+
 A bad record is refused with the file, the record's index and the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from llm_lightning.data.conversations import (Conversation, RecordError, from_messages, from_sharegpt,
@@ -30,6 +34,7 @@ class PreferencePair:
     prompt: Conversation  # ends with a user turn
     chosen: str
     rejected: str
+    margin: float | None = None  # the record's own, for the reward model's loss
 
     def with_answer(self, answer: str) -> Conversation:
         """The prompt followed by ``answer`` as the assistant's turn."""
@@ -120,6 +125,11 @@ def to_pairs(rows: list, source: str, *, format: str = "auto",
         pair = PARSERS[format](row)
         if pair.chosen == pair.rejected:
             raise RecordError("has the same text for 'chosen' and 'rejected'")
-        return pair
+        margin = row.get("margin")
+        if margin is None:
+            return pair
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise RecordError(f"field 'margin' is {margin!r}, expected a finite number")
+        return replace(pair, margin=float(margin))
 
     return parse_records(rows, source, parse, kind=f"{format} preference format", skip_invalid=skip_invalid)

@@ -2,7 +2,9 @@
 
 Response perplexity and ROUGE-L of greedy answers (``metrics.py``), base model against fine-tuned:
 the base numbers come from the same model with its adapter switched off. By default the data
-settings saved in the checkpoint reproduce the run's validation split.
+settings saved in the checkpoint reproduce the run's validation split. A ``stage=dpo`` or
+``stage=rm`` checkpoint is ranked on preference pairs instead (``evaluate_preferences.py``). The
+results go to ``output`` as JSON, and the last line printed is ``results: <output>``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from llm_lightning.adapter import load_adapter
+from llm_lightning.adapter import checkpoint_stage, load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.data import AlpacaDataModule, read_records
 from llm_lightning.errors import UserFacingError
@@ -23,19 +25,20 @@ from llm_lightning.loading import load_base_model
 from llm_lightning.lora import lora_disabled
 from llm_lightning.metrics import perplexity, rouge_l
 from llm_lightning.settings import EvaluateSettings, to_settings
+from llm_lightning.tools.evaluate_preferences import evaluate_preferences
 
 
 def evaluate(cfg: DictConfig) -> dict:
     settings: EvaluateSettings = to_settings(cfg)
-    model, tokenizer = load_base_model(settings.model)
     path = resolve_checkpoint(settings.ckpt_path, name=settings.name)
+    stage = checkpoint_stage(path)
+    if stage != "sft":
+        return evaluate_preferences(settings, path, stage)
+    model, tokenizer = load_base_model(settings.model)
     checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
     model.eval()
     saved = (checkpoint.get("AlpacaDataModule") or {}).get("settings", {})
     overrides = {k: v for k, v in vars(settings.data).items() if v is not None}
-    if "PreferenceDataModule" in checkpoint and "path" not in overrides:
-        raise UserFacingError(f"{path}: trained on preference pairs (stage=dpo); evaluate scores answers to "
-                              "instructions or conversations: pass data.path=FILE of those")
     datamodule = AlpacaDataModule(tokenizer=tokenizer, **{**saved, **overrides})
     split = settings.split.value
     if split == "val":
@@ -67,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict:
             }
     print(format_table(results))
     Path(settings.output).write_text(json.dumps(results, indent=2))
-    print(f"wrote {settings.output}")
+    print(f"results: {settings.output}")
     return results
 
 

@@ -34,6 +34,7 @@ from llm_lightning.lora import apply_lora, count_parameters, lora_config_of, lor
 from llm_lightning.module import LoRAFineTuner
 from llm_lightning.precision import HalfPrecisionFP32Adapters, Precision
 from llm_lightning.provenance import build_provenance
+from llm_lightning.reward_model import RewardModelFineTuner
 from llm_lightning.settings import lora_config, to_settings
 
 
@@ -130,7 +131,7 @@ def _validation_loss(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> f
 def train(cfg: DictConfig) -> dict[str, Any]:
     settings = to_settings(cfg)  # every typed group's checks, before anything is loaded
     if cfg.get("dry_run"):
-        return dry_run(cfg, pairs=settings.stage.name == "dpo")
+        return dry_run(cfg, pairs=settings.stage.name != "sft")
     precision = check_precision(cfg.trainer)
     if cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available():
         print(cpu_kernels.describe())
@@ -144,10 +145,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     print(datamodule.report.format())
     provenance = build_provenance(model, tokenizer, datamodule.template)
-    reference_adapter = None
+    reference_adapter = reference_path = None
     if settings.dpo.reference and settings.stage.name == "dpo":
         # The policy starts from the supervised adapter that is also the reference, so its LoRA shape rules.
-        load_adapter(model, tokenizer, resolve_checkpoint(settings.dpo.reference), force=cfg.force_adapter_load)
+        reference_path = str(resolve_checkpoint(settings.dpo.reference).resolve())
+        load_adapter(model, tokenizer, reference_path, force=cfg.force_adapter_load)
         lora = lora_config_of(model)
         for parameter in (p for p in model.parameters() if p.requires_grad):
             parameter.data = parameter.data.float()  # fp32 adapters whatever the base's dtype
@@ -169,7 +171,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                   token_weighting=settings.token_weighting.name)
     if settings.stage.name == "dpo":
         module = DPOFineTuner(model, dpo=settings.dpo.config(), reference_adapter=reference_adapter,
-                              reference_batch_size=datamodule.eval_batch_size, **common)
+                              reference_path=reference_path, reference_batch_size=datamodule.eval_batch_size, **common)
+    elif settings.stage.name == "rm":
+        module = RewardModelFineTuner(model, pad_id=tokenizer.pad_id, **common)
     else:
         module = LoRAFineTuner(model, **common)
     logger = build_logger(cfg.get("logger"))
