@@ -55,7 +55,8 @@ def dpo_loss(logits: torch.Tensor, config: DPOConfig) -> torch.Tensor:
     return torch.relu(1 - beta * logits)
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                       margins: torch.Tensor | None = None) -> torch.Tensor:
     """-log sigma(r_chosen - r_rejected - margin), per pair."""
     difference = chosen - rejected
     if margins is not None:

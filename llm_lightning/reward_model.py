@@ -72,7 +72,8 @@ class RewardModelFineTuner(LoRAFineTuner):
 
 
 @torch.no_grad()
-def score_sequences(model: LLaMA, head: nn.Linear, sequences: list[Example], pad_id: int, batch_size: int) -> list[float]:
+def score_sequences(model: LLaMA, head: nn.Linear, sequences: list[Example], pad_id: int,
+                    batch_size: int) -> list[float]:
     """The reward of each sequence, a batch at a time (right-padded, so the batch does not change a score)."""
     device = head.weight.device
     scores: list[float] = []

@@ -147,8 +147,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         preference_data = self.data._target_ == PREFERENCE_DATA
         if self.stage != Stage.sft and not preference_data:
-            raise SettingError(f"stage={self.stage.name}: expected preference data (data=preferences), got data._target_="
-                               f"{self.data._target_}")
+            raise SettingError(f"stage={self.stage.name}: expected preference data (data=preferences), "
+                               f"got data._target_={self.data._target_}")
         if self.stage == Stage.sft and preference_data:
             raise SettingError("data=preferences holds preference pairs: train on them with stage=dpo or stage=rm")
 

@@ -185,6 +185,7 @@ def test_dpo_from_a_supervised_adapter_starts_at_it_and_uses_it_as_reference(tmp
               f"dpo.reference={tmp_path / 'sft'}", "trainer.max_steps=2", run_dir=tmp_path / "dpo")
     sft, dpo = summary(tmp_path / "sft"), summary(tmp_path / "dpo")
     assert dpo["val_loss_start"] == pytest.approx(math.log(2), abs=1e-6)
+    assert 0 <= dpo["val_reward_accuracy_end"] <= 1 and "val_reward_accuracy_end" not in sft
     assert dpo["trainable_parameters"] == sft["trainable_parameters"] and dpo["global_step"] == 2
     adapter = torch.load(dpo["last_checkpoint"], weights_only=True)["state_dict"]
     assert {k.rsplit(".", 2)[-2] for k in adapter} == {"wq", "wk"}

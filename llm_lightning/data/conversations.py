@@ -123,15 +123,20 @@ def from_sharegpt(row: dict) -> Conversation:
 PARSERS = {"alpaca": from_alpaca, "messages": from_messages, "sharegpt": from_sharegpt}
 
 
-def detect_format(row: Any, source: str) -> str:
-    """The format the first record's keys name."""
+def format_by_keys(row: Any, source: str, names: tuple[tuple[str, str], ...], expected: str) -> str:
+    """The format named by the first of ``names``' (key, format) whose key the first record has."""
     if isinstance(row, dict):
-        for key, name in (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
+        for key, name in names:
             if key in row:
                 return name
     keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-    raise DataError(f"{source}: record 0 has {keys or 'no keys'}; expected 'instruction' (alpaca), "
-                    "'messages' (OpenAI) or 'conversations' (ShareGPT), or set data.format")
+    raise DataError(f"{source}: record 0 has {keys or 'no keys'}; expected {expected}, or set data.format")
+
+
+def detect_format(row: Any, source: str) -> str:
+    """The format the first record's keys name."""
+    names = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"))
+    return format_by_keys(row, source, names, "'instruction' (alpaca), 'messages' (OpenAI) or 'conversations' (ShareGPT)")
 
 
 def to_conversations(rows: list, source: str, *, format: str = "auto", skip_invalid: bool = False,

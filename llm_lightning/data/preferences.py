@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from llm_lightning.data.conversations import (Conversation, RecordError, from_messages, from_sharegpt,
-                                              parse_records)
+from llm_lightning.data.conversations import (Conversation, RecordError, format_by_keys, from_messages,
+                                              from_sharegpt, parse_records)
 from llm_lightning.errors import DataError
 from llm_lightning.prompts import user_message
 
@@ -104,13 +104,9 @@ PARSERS = {"sharegpt": from_sharegpt_pair, "flat": from_flat, "alpaca": from_alp
 
 
 def detect_preference_format(row: Any, source: str) -> str:
-    if isinstance(row, dict):
-        for key, name in (("conversations", "sharegpt"), ("prompt", "flat"), ("instruction", "alpaca")):
-            if key in row:
-                return name
-    keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-    raise DataError(f"{source}: record 0 has {keys or 'no keys'}; expected preference pairs with 'conversations' "
-                    "(ShareGPT), 'prompt' or 'instruction', plus 'chosen' and 'rejected'; or set data.format")
+    return format_by_keys(row, source, (("conversations", "sharegpt"), ("prompt", "flat"), ("instruction", "alpaca")),
+                          "preference pairs with 'conversations' (ShareGPT), 'prompt' or 'instruction', plus "
+                          "'chosen' and 'rejected'")
 
 
 def to_pairs(rows: list, source: str, *, format: str = "auto",

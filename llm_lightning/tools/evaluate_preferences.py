@@ -120,7 +120,8 @@ def reference_adapter_log_probs(model, tokenizer, reference: str, pairs, setting
 
 
 def format_table(results: dict) -> str:
-    rows = [f"{results['pairs']} preference pairs from {results['data']} ({results['split']}), stage={results['stage']}",
+    rows = [f"{results['pairs']} preference pairs from {results['data']} ({results['split']}), "
+            f"stage={results['stage']}",
             f"{'':<8}{'reward accuracy':>17}{'reward margin':>15}{'likelihood accuracy':>21}"]
     for name in ("base", "tuned"):
         row = results[name]

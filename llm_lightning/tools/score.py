@@ -59,7 +59,8 @@ def read_scoring_input(rows: list, source: str) -> tuple[list[PreferencePair], b
     if isinstance(first, dict) and "chosen" in first and "rejected" in first:
         return to_pairs(rows, source)[0], True
     if isinstance(first, dict) and "response" in first:
-        return parse_records(rows, source, _prompt_response, kind="prompt/response format", skip_invalid=False)[0], False
+        answers, _ = parse_records(rows, source, _prompt_response, kind="prompt/response format", skip_invalid=False)
+        return answers, False
     conversations, _ = to_conversations(rows, source, need_answer=False)
     return [_answered(c, i, source) for i, c in enumerate(conversations)], False
 

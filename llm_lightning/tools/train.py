@@ -122,10 +122,11 @@ def save_final_checkpoint(trainer: L.Trainer) -> None:
             return
 
 
-def _validation_loss(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> float | None:
+def _validation(trainer: L.Trainer, module: LoRAFineTuner, datamodule) -> dict[str, float]:
+    """The validation metrics (``val/loss``; for preference stages ``val/rewards/accuracy`` too)."""
     if not datamodule.val_examples or trainer.limit_val_batches == 0:
-        return None
-    return float(trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"])
+        return {}
+    return {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -194,11 +195,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                 "data_audit": datamodule.report.to_dict(),
                                 "parameters": {"trainable": trainable, "total": total}})
 
-    val_loss_start = _validation_loss(trainer, module, datamodule) if ckpt_path is None else None
+    val_start = _validation(trainer, module, datamodule) if ckpt_path is None else {}
     # weights_only: a checkpoint to resume from is never allowed to run pickled code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     save_final_checkpoint(trainer)
-    val_loss_end = _validation_loss(trainer, module, datamodule)
+    val_end = _validation(trainer, module, datamodule)
 
     checkpoints = trainer.checkpoint_callbacks
     summary = {
@@ -206,8 +207,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "val_loss_start": val_loss_start,
-        "val_loss_end": val_loss_end,
+        "val_loss_start": val_start.get("val/loss"),
+        "val_loss_end": val_end.get("val/loss"),
         "global_step": trainer.global_step,
         "resumed_from": ckpt_path,
         **resources.summary(),
@@ -215,6 +216,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": next((c.best_model_path for c in checkpoints
                                  if c.monitor and Path(c.best_model_path or "").is_file()), None),
     }
+    if "val/rewards/accuracy" in val_end:  # preference stages: how often a held-out chosen answer wins
+        summary["val_reward_accuracy_start"] = val_start.get("val/rewards/accuracy")
+        summary["val_reward_accuracy_end"] = val_end["val/rewards/accuracy"]
     if trainer.is_global_zero:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary, indent=2))
