@@ -113,30 +113,53 @@ class AlpacaDataModule(L.LightningDataModule):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
         return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
-    def encode(self, records: list[Conversation]) -> tuple[list[Example], list[Conversation], int]:
+    # -- what a subclass with other records (preference_datamodule.py) replaces --------------------
+
+    def read(self) -> tuple[list[Conversation], int]:
+        """(valid records, number skipped as invalid) of the source."""
+        return read_records(self.source, format=self.format, skip_invalid=self.skip_invalid,
+                            cache_dir=self.cache_dir, sha256=self.sha256)
+
+    @staticmethod
+    def as_conversation(record: Conversation) -> Conversation:
+        """The conversation a record shows: for the template choice, and the validation samples."""
+        return record
+
+    def encode_record(self, record: Conversation, template: ChatTemplate) -> Example | None:
+        return encode_conversation(record, self.tokenizer, template, max_seq_length=self.max_seq_length,
+                                   train_on_inputs=self.train_on_inputs)
+
+    def audit_examples(self, **counts: int) -> DataAudit:
+        return audit(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
+                     train=len(self.train_examples), val=len(self.val_examples),
+                     packed_rows=len(self.train_rows) if self.packing else None, row_length=self.max_seq_length,
+                     **counts)
+
+    # ---------------------------------------------------------------------------------------------
+
+    def encode(self, records: list) -> tuple[list, list, int]:
         """Examples, the records they came from, and how many records were too long to keep."""
         template = self.template
-        pairs = [(encode_conversation(r, self.tokenizer, template, max_seq_length=self.max_seq_length,
-                                      train_on_inputs=self.train_on_inputs), r) for r in records]
-        kept = [(e, r) for e, r in pairs if e is not None]
-        return [e for e, _ in kept], [r for _, r in kept], len(pairs) - len(kept)
+        encoded = [(self.encode_record(r, template), r) for r in records]
+        kept = [(e, r) for e, r in encoded if e is not None]
+        return [e for e, _ in kept], [r for _, r in kept], len(encoded) - len(kept)
 
     def setup(self, stage: str | None = None) -> None:
         if self.report is not None:
             return
         if self.tokenizer is None:
-            raise ValueError("AlpacaDataModule needs a tokenizer before setup()")
-        records, skipped = read_records(self.source, format=self.format, skip_invalid=self.skip_invalid,
-                                        cache_dir=self.cache_dir, sha256=self.sha256)
+            raise ValueError(f"{type(self).__name__} needs a tokenizer before setup()")
+        records, skipped = self.read()
         read = len(records) + skipped
         if self.limit:
             records = records[: self.limit]
         if not records:
             raise DataError(f"{self.source}: no valid records ({read} read, {skipped} skipped as invalid)")
-        self.choose_template(records)
+        self.choose_template([self.as_conversation(r) for r in records])
         train_records, val_records = self._split(records)
         self.train_examples, _, train_dropped = self.encode(train_records)
-        self.val_examples, self.val_records, val_dropped = self.encode(val_records)
+        self.val_examples, val_kept, val_dropped = self.encode(val_records)
+        self.val_records = [self.as_conversation(r) for r in val_kept]
         if not self.train_examples:
             raise DataError(
                 f"{self.source}: every training example is longer than data.max_seq_length="
@@ -144,11 +167,8 @@ class AlpacaDataModule(L.LightningDataModule):
             )
         if self.packing:
             self.train_rows = pack([len(e.input_ids) for e in self.train_examples], self.max_seq_length)
-        self.report = audit(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
-                            records_read=read, records_skipped=skipped, too_long=train_dropped + val_dropped,
-                            train=len(self.train_examples), val=len(self.val_examples),
-                            packed_rows=len(self.train_rows) if self.packing else None,
-                            row_length=self.max_seq_length)
+        self.report = self.audit_examples(records_read=read, records_skipped=skipped,
+                                          too_long=train_dropped + val_dropped)
         if self.report.problems:
             raise DataError(f"{self.source} with template {self.template_name}: {self.report.problems[0]}")
 

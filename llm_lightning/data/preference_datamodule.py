@@ -2,20 +2,22 @@
 their prompt -> batches of pairs, each collated as its chosen rows then its rejected rows.
 
 Everything else (template choice, the seeded split, length-grouped batches, resume state, the
-audit and its pre-flight checks) is ``AlpacaDataModule``'s.
+audit and its pre-flight checks) is ``AlpacaDataModule``'s; this class replaces how records are
+read, encoded, shown and audited.
 """
 
 from __future__ import annotations
 
 import functools
 
-from llm_lightning.data.audit import audit_pairs
+from llm_lightning.data.audit import DataAudit, audit_pairs
 from llm_lightning.data.conversations import Conversation
 from llm_lightning.data.datamodule import AlpacaDataModule
 from llm_lightning.data.pair_encoding import PairExample, collate_pairs, encode_pair
 from llm_lightning.data.preferences import PreferencePair, to_pairs
 from llm_lightning.data.records import read_rows
 from llm_lightning.errors import DataError
+from llm_lightning.prompts import ChatTemplate
 
 
 class PreferenceDataModule(AlpacaDataModule):
@@ -31,18 +33,7 @@ class PreferenceDataModule(AlpacaDataModule):
         """One loss term per pair."""
         return float(self.batch_size)
 
-    def encode(self, pairs: list[PreferencePair]) -> tuple[list[PairExample], list[PreferencePair], int]:
-        """Encoded pairs, the records they came from, and how many did not fit."""
-        template = self.template
-        encoded = [(encode_pair(p, self.tokenizer, template, max_seq_length=self.max_seq_length), p) for p in pairs]
-        kept = [(e, p) for e, p in encoded if e is not None]
-        return [e for e, _ in kept], [p for _, p in kept], len(encoded) - len(kept)
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.report is not None:
-            return
-        if self.tokenizer is None:
-            raise ValueError("PreferenceDataModule needs a tokenizer before setup()")
+    def read(self) -> tuple[list[PreferencePair], int]:
         if not self.path_given:
             raise DataError("data.path: preference training needs a file of pairs (chosen and rejected answers), "
                             "e.g. data.path=../shared/data/dpo_en_demo_240.json")
@@ -50,25 +41,19 @@ class PreferenceDataModule(AlpacaDataModule):
             raise DataError(f"data.{'packing' if self.packing else 'train_on_inputs'}=true does not apply to "
                             "preference pairs: each pair is a chosen and a rejected sequence, supervised on the answer")
         rows, path = read_rows(self.source, cache_dir=self.cache_dir, sha256=self.sha256)
-        pairs, skipped = to_pairs(rows, path, format=self.format, skip_invalid=self.skip_invalid)
-        read = len(pairs) + skipped
-        if self.limit:
-            pairs = pairs[: self.limit]
-        if not pairs:
-            raise DataError(f"{self.source}: no valid preference pairs ({read} read, {skipped} skipped as invalid)")
-        self.choose_template([p.prompt for p in pairs])
-        train_pairs, val_pairs = self._split(pairs)
-        self.train_examples, _, train_dropped = self.encode(train_pairs)
-        self.val_examples, val_kept, val_dropped = self.encode(val_pairs)
-        self.val_records = [pair.with_answer(pair.chosen) for pair in val_kept]
-        if not self.train_examples:
-            raise DataError(f"{self.source}: no training pair fits in data.max_seq_length={self.max_seq_length} "
-                            "tokens; raise data.max_seq_length")
-        self.report = audit_pairs(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
-                                  records_read=read, records_skipped=skipped, too_long=train_dropped + val_dropped,
-                                  train=len(self.train_examples), val=len(self.val_examples))
-        if self.report.problems:
-            raise DataError(f"{self.source} with template {self.template_name}: {self.report.problems[0]}")
+        return to_pairs(rows, path, format=self.format, skip_invalid=self.skip_invalid)
+
+    @staticmethod
+    def as_conversation(record: PreferencePair) -> Conversation:
+        """The prompt with its chosen answer."""
+        return record.with_answer(record.chosen)
+
+    def encode_record(self, record: PreferencePair, template: ChatTemplate) -> PairExample | None:
+        return encode_pair(record, self.tokenizer, template, max_seq_length=self.max_seq_length)
+
+    def audit_examples(self, **counts: int) -> DataAudit:
+        return audit_pairs(self.train_examples + self.val_examples, self.tokenizer, source=self.source,
+                           train=len(self.train_examples), val=len(self.val_examples), **counts)
 
     def _collate(self):
         return functools.partial(collate_pairs, pad_id=self.tokenizer.pad_id, pad_to_multiple_of=self.pad_to_multiple_of)

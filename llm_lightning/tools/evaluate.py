@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from llm_lightning.adapter import checkpoint_stage, load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
-from llm_lightning.data import AlpacaDataModule, read_records
+from llm_lightning.data import AlpacaDataModule
 from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_base_model
@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
         datamodule.setup()
         examples, records = datamodule.val_examples, datamodule.val_records
     else:  # every record of the file, encoded as training would
-        records, _ = read_records(datamodule.source, format=datamodule.format, skip_invalid=datamodule.skip_invalid)
+        records, _ = datamodule.read()
         datamodule.choose_template(records)
         examples, records, _ = datamodule.encode(records[: datamodule.limit or None])
     if settings.max_examples:

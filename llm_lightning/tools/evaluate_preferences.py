@@ -21,8 +21,6 @@ import torch
 
 from llm_lightning.adapter import MODULE_PREFIX, load_adapter, load_reward_model, read_training_checkpoint
 from llm_lightning.data import PreferenceDataModule
-from llm_lightning.data.preferences import to_pairs
-from llm_lightning.data.records import read_rows
 from llm_lightning.dpo import pair_log_probs
 from llm_lightning.errors import UserFacingError
 from llm_lightning.loading import load_base_model
@@ -56,9 +54,8 @@ def held_out_pairs(settings: EvaluateSettings, checkpoint: dict, tokenizer, path
         datamodule.setup()
         pairs = datamodule.val_examples
     else:
-        rows, source = read_rows(datamodule.source)
-        records, _ = to_pairs(rows, source, format=datamodule.format, skip_invalid=datamodule.skip_invalid)
-        datamodule.choose_template([r.prompt for r in records])
+        records, _ = datamodule.read()
+        datamodule.choose_template([datamodule.as_conversation(r) for r in records])
         pairs, _, _ = datamodule.encode(records[: datamodule.limit or None])
     pairs = pairs[: settings.max_examples or None]
     if not pairs:
