@@ -18,7 +18,7 @@ from llm_lightning.data.records import read_rows
 from llm_lightning.reward_model import score_sequences
 from llm_lightning.tools.score import read_scoring_input
 from tests.conftest import make_hf_llama, save_hf_dir, write_preference_pairs
-from tests.train_runner import run_tool, run_train
+from tests.train_runner import run_tool, run_train, summary
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,8 @@ def reward_model(tmp_path_factory, tiny_tokenizer_dir):
               f"data.path={pairs}", "data.val_size=4", "data.max_seq_length=128", "data.batch_size=2",
               "trainer.max_epochs=1", "lora.r=4", "optimizer.lr=3e-2", "scheduler.warmup_steps=0",
               run_dir=root / "run")
+    # LoRA r=4 on wq (64 -> 64) and wv (64 -> 32) in 2 layers, and the head's 64 weights
+    assert summary(root / "run")["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32)) + 64
     return base, root / "run" / "checkpoints" / "last.ckpt", pairs
 
 

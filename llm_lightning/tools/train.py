@@ -165,7 +165,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for block in model.layers:
             block.compile()
     model.train()  # loaders return eval mode; Lightning keeps whatever mode it is handed
-    trainable, total = count_parameters(model)
 
     common = dict(lora=lora, optimizer=instantiate(cfg.optimizer), warmup_steps=cfg.scheduler.warmup_steps,
                   min_lr=cfg.scheduler.min_lr, provenance=provenance, force_adapter_load=cfg.force_adapter_load,
@@ -177,6 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module = RewardModelFineTuner(model, pad_id=tokenizer.pad_id, **common)
     else:
         module = LoRAFineTuner(model, **common)
+    trainable, total = count_parameters(module)  # with a reward model's head
     logger = build_logger(cfg.get("logger"))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not logger:  # these only report to a logger, and Lightning refuses them without one
