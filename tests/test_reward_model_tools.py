@@ -27,10 +27,11 @@ def reward_model(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("rm")
     base = save_hf_dir(make_hf_llama(n_kv_heads=2), root / "base", tiny_tokenizer_dir)
     pairs = write_preference_pairs(root / "pairs.json", count=12)
-    run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "stage=rm", "data=preferences",
+    run = run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "stage=rm", "data=preferences",
               f"data.path={pairs}", "data.val_size=4", "data.max_seq_length=128", "data.batch_size=2",
               "trainer.max_epochs=1", "lora.r=4", "optimizer.lr=3e-2", "scheduler.warmup_steps=0",
               run_dir=root / "run")
+    assert "  -> " not in run.stdout  # no sample answers from a reward model at validation
     # LoRA r=4 on wq (64 -> 64) and wv (64 -> 32) in 2 layers, and the head's 64 weights
     assert summary(root / "run")["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32)) + 64
     return base, root / "run" / "checkpoints" / "last.ckpt", pairs

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from llm_lightning import cpu_kernels
 from llm_lightning.loading import load_base_model
 from llm_lightning.adapter import load_adapter, read_training_checkpoint
-from llm_lightning.callbacks import ResourceMonitor
+from llm_lightning.callbacks import ResourceMonitor, SampleGenerations
 from llm_lightning.checkpoint_paths import LAST, resolve_checkpoint
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.dry_run import estimate, format_report
@@ -179,6 +179,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainable, total = count_parameters(module)  # with a reward model's head
     logger = build_logger(cfg.get("logger"))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if settings.stage.name == "rm":  # a reward model's adapter is not for writing answers
+        callbacks = [c for c in callbacks if not isinstance(c, SampleGenerations)]
     if not logger:  # these only report to a logger, and Lightning refuses them without one
         callbacks = [c for c in callbacks if not isinstance(c, (LearningRateMonitor, ThroughputMonitor))]
     resources = next((c for c in callbacks if isinstance(c, ResourceMonitor)), None)
