@@ -43,6 +43,7 @@ class NonFiniteLossError(UserFacingError):
 class LoRAFineTuner(L.LightningModule):
     stage = "sft"  # recorded in checkpoints: what the tools that read them do with the adapter
     reports_perplexity = True  # the loss is a mean token NLL
+    uses_lm_head = True  # the output head runs in every step (not in a reward model): counted in flops()
 
     def __init__(self, model: LLaMA, *, lora: LoRAConfig, optimizer: OptimizerFactory,
                  warmup_steps: int = 0, min_lr: float = 0.0, provenance: dict[str, str] | None = None,
@@ -76,8 +77,9 @@ class LoRAFineTuner(L.LightningModule):
         for the base), plus attention 4·L·d·T forward (12·L·d·T with backward); N = matmul parameters."""
         if self._matmul_parameters is None:
             self._matmul_parameters = sum(m.weight.numel() for m in self.model.modules()
-                                          if isinstance(m, torch.nn.Linear))
-            if self.model.output is None:
+                                          if isinstance(m, torch.nn.Linear)
+                                          and (self.uses_lm_head or m is not self.model.output))
+            if self.model.output is None and self.uses_lm_head:
                 self._matmul_parameters += self.model.tok_embeddings.weight.numel()
         config = self.model.config
         per_token = (4 if backward else 2) * self._matmul_parameters

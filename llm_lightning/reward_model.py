@@ -52,6 +52,7 @@ def rewards(model: LLaMA, head: nn.Linear, input_ids: torch.Tensor, pad_id: int)
 class RewardModelFineTuner(LoRAFineTuner):
     stage = "rm"
     reports_perplexity = False
+    uses_lm_head = False
 
     def __init__(self, model: LLaMA, *, pad_id: int, **kwargs) -> None:
         super().__init__(model, **kwargs)

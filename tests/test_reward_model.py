@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from llm_lightning.data import PreferenceDataModule
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.lora import LoRAConfig
+from llm_lightning.module import LoRAFineTuner
 from llm_lightning.reward_model import HEAD_KEY, RewardModelFineTuner, last_token_index
 from tests.conftest import tiny_lora_model, write_preference_pairs
 from tests.test_dpo import StepGradients, trainer
@@ -99,3 +100,12 @@ def test_batch_1_accumulate_4_equals_batch_4_pairs(tmp_path):
     assert HEAD_KEY in one_by_four and one_by_four.keys() == four_by_one.keys()
     for name in one_by_four:
         torch.testing.assert_close(one_by_four[name], four_by_one[name], rtol=1e-10, atol=1e-12)
+
+
+def test_flops_leave_out_the_language_model_head_a_reward_model_never_runs():
+    model = tiny_lora_model(vocab_size=49152)
+    supervised = LoRAFineTuner(model, lora=LoRAConfig(r=4), optimizer=torch.optim.SGD)
+    head = model.config.vocab_size * model.config.dim
+    for backward, factor in ((True, 4), (False, 2)):
+        assert supervised.flops(2, 16, backward=backward) - module(model).flops(2, 16, backward=backward) == (
+            2 * 16 * factor * head)
