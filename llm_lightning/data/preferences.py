@@ -75,18 +75,21 @@ def from_sharegpt_pair(row: dict) -> PreferencePair:
     return PreferencePair(_ends_with_user(from_sharegpt(row)), _answer(row, "chosen"), _answer(row, "rejected"))
 
 
-def from_flat(row: dict) -> PreferencePair:
+def prompt_conversation(row: dict) -> Conversation:
+    """A record's ``prompt``: a string (one user turn) or a list of OpenAI messages (with ``tools``)."""
     prompt = row.get("prompt")
     if isinstance(prompt, str):
-        conversation = Conversation(({"role": "user", "content": prompt},), format="messages")
-    elif isinstance(prompt, list):
+        return Conversation(({"role": "user", "content": prompt},), format="messages")
+    if isinstance(prompt, list):
         try:
-            conversation = from_messages({"messages": prompt, "tools": row.get("tools")})
+            return from_messages({"messages": prompt, "tools": row.get("tools")})
         except RecordError as exc:
             raise RecordError(str(exc).replace("'messages", "'prompt")) from None
-    else:
-        raise RecordError(f"field 'prompt' is a {type(prompt).__name__}, expected a string or a list of messages")
-    return PreferencePair(_ends_with_user(conversation), _answer(row, "chosen"), _answer(row, "rejected"))
+    raise RecordError(f"field 'prompt' is a {type(prompt).__name__}, expected a string or a list of messages")
+
+
+def from_flat(row: dict) -> PreferencePair:
+    return PreferencePair(_ends_with_user(prompt_conversation(row)), _answer(row, "chosen"), _answer(row, "rejected"))
 
 
 def from_alpaca_pair(row: dict) -> PreferencePair:

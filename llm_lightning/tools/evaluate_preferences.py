@@ -73,19 +73,19 @@ def evaluate_preferences(settings: EvaluateSettings, path: Path, stage: str) -> 
     pairs, source = held_out_pairs(settings, checkpoint, tokenizer, path)
     pad_id, batch_size = tokenizer.pad_id, settings.batch_size
 
-    with lora_disabled(model):
-        base = pair_log_probs(model, pairs, pad_id, batch_size)
+    dpo = checkpoint.get("dpo") or {}
+    if dpo.get("reference"):  # the untuned model is the run's reference adapter, not the bare base
+        base = reference_adapter_log_probs(model, tokenizer, dpo["reference"], pairs, settings)
+    else:
+        with lora_disabled(model):
+            base = pair_log_probs(model, pairs, pad_id, batch_size)
     untuned = {**ranking([0.0] * len(pairs), [0.0] * len(pairs)), "likelihood_accuracy": likelihood_accuracy(base)}
     if stage == "rm":
         scores = score_sequences(model, head, [p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id,
                                  batch_size)
         tuned = ranking(scores[:len(pairs)], scores[len(pairs):])
     else:
-        dpo = checkpoint.get("dpo") or {}
         reference = base
-        if dpo.get("reference"):
-            reference = reference_adapter_log_probs(model, tokenizer, dpo["reference"], pairs, settings)
-            untuned["likelihood_accuracy"] = likelihood_accuracy(reference)
         policy = pair_log_probs(model, pairs, pad_id, batch_size)
         beta = dpo.get("beta", 0.1)
         tuned = ranking([beta * (p[0] - r[0]) for p, r in zip(policy, reference)],

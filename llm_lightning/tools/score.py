@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 
 from llm_lightning.adapter import load_reward_model, trained_template
 from llm_lightning.checkpoint_paths import resolve_checkpoint
-from llm_lightning.data.conversations import Conversation, RecordError, from_messages, parse_records, to_conversations
+from llm_lightning.data.conversations import Conversation, RecordError, parse_records, to_conversations
 from llm_lightning.data.pair_encoding import encode_pair
-from llm_lightning.data.preferences import PreferencePair, to_pairs
+from llm_lightning.data.preferences import PreferencePair, prompt_conversation, to_pairs
 from llm_lightning.data.records import read_rows
 from llm_lightning.errors import DataError
 from llm_lightning.loading import load_base_model
@@ -32,16 +32,10 @@ from llm_lightning.settings import ScoreSettings, to_settings
 
 
 def _prompt_response(row: dict) -> PreferencePair:
-    prompt, response = row.get("prompt"), row.get("response")
+    response = row.get("response")
     if not isinstance(response, str):
         raise RecordError(f"field 'response' is a {type(response).__name__}, expected a string")
-    if isinstance(prompt, str):
-        conversation = Conversation(({"role": "user", "content": prompt},), format="messages")
-    elif isinstance(prompt, list):
-        conversation = from_messages({"messages": prompt, "tools": row.get("tools")})
-    else:
-        raise RecordError(f"field 'prompt' is a {type(prompt).__name__}, expected a string or a list of messages")
-    return PreferencePair(conversation, response, response)
+    return PreferencePair(prompt_conversation(row), response, response)
 
 
 def _answered(conversation: Conversation, index: int, source: str) -> PreferencePair:
