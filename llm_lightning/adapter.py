@@ -6,6 +6,7 @@ was trained with (``provenance``); a mismatch is refused unless forced.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,12 @@ def checkpoint_stage(path: str | Path) -> str:
 
 
 def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force: bool = False,
-                 reward_model: bool = False) -> dict[str, Any]:
+                 reward_model: bool = False, quantize_base: bool = True) -> dict[str, Any]:
     """Apply an adapter to ``model``: a training checkpoint (layout, weights and provenance checks)
     or a PEFT adapter directory (which carries no provenance). Returns the checkpoint's contents.
-    A reward model's checkpoint (``stage=rm``) is refused unless ``reward_model`` (``load_reward_model``)."""
+    A reward model's checkpoint (``stage=rm``) is refused unless ``reward_model`` (``load_reward_model``).
+    A QLoRA adapter's base is stored in NF4 again, as it was trained (the same codes: quantization is
+    deterministic), unless ``quantize_base`` is false (export merges into the full-precision base)."""
     path = Path(path)
     if is_peft_adapter(path) and not reward_model:
         return load_peft_adapter(model, path)
@@ -62,9 +65,8 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
     provenance = checkpoint.get("provenance") or {}
     check_provenance(provenance, build_provenance(model, tokenizer), source=str(path), force=force,
                      keys=("base_weights", "tokenizer"))
-    settings = dict(checkpoint["lora_config"])
-    apply_lora(model, LoRAConfig(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
-                                 targets=tuple(settings["targets"])))
+    config = LoRAConfig.from_dict(checkpoint["lora_config"])
+    apply_lora(model, config if quantize_base else replace(config, base_quant=None))
     adapter = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()
                if not (reward_model and k == HEAD_KEY)}
     try:
@@ -74,10 +76,10 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
     return checkpoint
 
 
-def load_reward_model(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *,
-                      force: bool = False) -> tuple[torch.nn.Linear, dict[str, Any]]:
+def load_reward_model(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force: bool = False,
+                      quantize_base: bool = True) -> tuple[torch.nn.Linear, dict[str, Any]]:
     """Apply a reward model's adapter to ``model``; returns its score head and the checkpoint."""
-    checkpoint = load_adapter(model, tokenizer, path, force=force, reward_model=True)
+    checkpoint = load_adapter(model, tokenizer, path, force=force, reward_model=True, quantize_base=quantize_base)
     head = score_head(model.config)
     weight = checkpoint["state_dict"].get(HEAD_KEY)
     if weight is None or weight.shape != head.weight.shape:

@@ -7,6 +7,11 @@ for a LoRA run with a frozen base (block input, two norm outputs, q/k/v, attenti
 residual, four FFN intermediates, dropout masks), plus the fused head + loss's two fp32 chunk
 buffers (``linear_cross_entropy``: never the full logits) and the hidden-state gradient it keeps;
 with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
+
+A QLoRA base (``base_quant=nf4``) stores the blocks' linear weights at ``nf4.bytes_per_weight()``
+and dequantizes one matrix at a time, in the compute dtype, for its product (the largest is
+counted, once). DoRA keeps each adapted layer's output before its rescaling (for the magnitude's
+gradient) and computes one row norm of a dense fp32 W + s B A at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.linear_cross_entropy import CHUNK_BYTES
+from dataclasses import replace
+
+from llm_lightning import nf4
 from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
 from llm_lightning.precision import Precision
 from llm_lightning.model import LLaMA
@@ -25,45 +33,53 @@ GIB = 2**30
 
 
 def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act_bytes: int,
-                      checkpointing: bool) -> float:
+                      checkpointing: bool, device_type: str) -> float:
     d, kv = config.dim, config.kv_heads * config.head_dim
     dropout_masks = len(lora.targets) * d if lora.dropout > 0 else 0
-    per_layer = 6 * d + 2 * kv + 4 * config.ffn_hidden_dim + dropout_masks
+    widths = {"wq": d, "wk": kv, "wv": kv, "wo": d, "w1": config.ffn_hidden_dim, "w2": d, "w3": config.ffn_hidden_dim}
+    dora_outputs = sum(widths.get(t, 0) for t in lora.targets) if lora.dora else 0
+    per_layer = 6 * d + 2 * kv + 4 * config.ffn_hidden_dim + dropout_masks + dora_outputs
     if checkpointing:
         blocks = config.n_layers * d + per_layer
     else:
         blocks = config.n_layers * per_layer
-    head_and_loss = 2 * min(tokens * config.vocab_size * 4, CHUNK_BYTES["cuda"])
+    head_and_loss = 2 * min(tokens * config.vocab_size * 4, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]))
     return tokens * (blocks + d) * act_bytes + head_and_loss
 
 
 def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: Precision, batch_size: int, seq_len: int,
-             checkpointing: bool) -> dict[str, Any]:
+             checkpointing: bool, device_type: str = "cuda") -> dict[str, Any]:
     with torch.device("meta"):
         model = LLaMA(config)
-    apply_lora(model, lora)
+    quantized = sum(m.weight.numel() for name, m in model.named_modules()
+                    if name.rsplit(".", 1)[-1] in nf4.QUANTIZED_LAYERS) if lora.base_quant else 0
+    apply_lora(model, replace(lora, base_quant=None))  # the meta device holds no values to quantize
     trainable, total = count_parameters(model)
     base = total - trainable
-    weight_bytes = 2 if precision.half_weights else 4
+    weight_bytes = precision.frozen_dtype(lora.base_quant is not None).itemsize
     act_bytes = precision.activation_bytes
+    largest_matrix = config.dim * max(config.ffn_hidden_dim, config.dim)
     memory = {
-        "weights": base * weight_bytes + trainable * 4,
+        "weights": (base - quantized) * weight_bytes + quantized * nf4.bytes_per_weight() + trainable * 4,
         "gradients": trainable * 4,
         "optimizer (AdamW)": trainable * 8,
         "activations": _activation_bytes(config, lora, tokens=batch_size * seq_len, act_bytes=act_bytes,
-                                         checkpointing=checkpointing),
+                                         checkpointing=checkpointing, device_type=device_type),
     }
-    return {"base": base, "trainable": trainable, "total": total, "memory": memory}
+    if lora.base_quant or lora.dora:
+        memory["dequantized matrix"] = largest_matrix * ((act_bytes if lora.base_quant else 0) + (8 if lora.dora else 0))
+    return {"base": base, "trainable": trainable, "total": total, "memory": memory, "device": device_type}
 
 
 def format_report(name: str, lora: LoRAConfig, result: dict[str, Any], *, precision: Precision, batch_size: int,
                   seq_len: int, checkpointing: bool) -> str:
     rows = [
-        f"dry run: {name}, LoRA r={lora.r} alpha={lora.alpha:g} on {', '.join(lora.targets)}",
+        f"dry run: {name}, {'DoRA' if lora.dora else 'LoRA'} r={lora.r} alpha={lora.alpha:g} on "
+        f"{', '.join(lora.targets)}{', NF4 base (QLoRA)' if lora.base_quant else ''}",
         f"  base parameters       {result['base']:>18,}",
         f"  trainable parameters  {result['trainable']:>18,}  ({result['trainable'] / result['base']:.2%} of base)",
         f"  total parameters      {result['total']:>18,}",
-        f"  estimated memory at precision {precision}, batch {batch_size} x {seq_len} tokens, "
+        f"  estimated {result['device']} memory at precision {precision}, batch {batch_size} x {seq_len} tokens, "
         f"activation checkpointing {'on' if checkpointing else 'off'}:",
     ]
     for what, size in result["memory"].items():

@@ -5,7 +5,7 @@ backward) where ``cpu_kernels`` measured oneDNN faster than MKL on this machine,
 class: 2x faster on a Zen 5 EPYC, no faster on a Sapphire Rapids Xeon (see ``cpu_kernels``).
 
 ``Linear`` is an ``nn.Linear`` with that forward, so parameter names, initialisation and
-checkpoints are unchanged. Under ``torch.compile`` and CPU autocast it is plain ``F.linear``,
+checkpoints are unchanged; its weight may be an NF4 one (``nf4.py``). Under ``torch.compile`` and CPU autocast it is plain ``F.linear``,
 which the compiler and autocast know how to handle.
 
 ``PackedLinear`` goes one step further for sampling: oneDNN reorders the weight once into its
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_lightning import nf4
 from llm_lightning.cpu_kernels import onednn_linear, pack, uses_onednn
 
 
@@ -46,7 +47,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with fp32 CPU products through oneDNN (see the module docstring)."""
+    """``F.linear``, with fp32 CPU products through oneDNN (see the module docstring), and NF4
+    weights (QLoRA's base, ``nf4.py``) dequantized for the product."""
+    if nf4.is_nf4(weight):
+        return nf4.nf4_linear(x, weight, bias)
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):

@@ -1,9 +1,18 @@
-"""Low-rank adapters (LoRA) for the LLaMA's linear layers.
+"""Low-rank adapters (LoRA, DoRA) for the LLaMA's linear layers, on a dense or NF4 base.
 
 ``LoRALinear`` *is* an ``nn.Linear`` (same ``weight``/``bias`` names), so a base checkpoint loads
-into an adapted model unchanged and the adapter adds only ``lora_a``/``lora_b``. ``apply_lora``
-swaps the targeted layers in place, sharing the base weight tensors (no copy). B starts at zero,
-so an adapted model's output at step 0 is exactly the base model's.
+into an adapted model unchanged and the adapter adds only ``lora_a``/``lora_b`` (and DoRA's
+``lora_magnitude``). ``apply_lora`` swaps the targeted layers in place, sharing the base weight
+tensors (no copy); with ``base_quant="nf4"`` it first stores the blocks' linear weights in 4 bits
+(QLoRA, ``nf4.py``). B starts at zero, so an adapted model's output at step 0 is exactly the base
+model's.
+
+DoRA (Liu et al. 2024) splits the adapted weight into a learned magnitude per output row and a
+direction: W' = m * (W + s B A) / ||W + s B A||, norms over each row's inputs, the norm treated
+as a constant in backward (the paper's section 4.3, as PEFT does). m starts at ||W||, so step 0
+is again the base model. With dropout, the dropped input feeds the low-rank path only, inside the
+rescaling: y = m / ||W + s B A|| * (x W^T + s dropout(x) A^T B^T). PEFT instead computes a second
+base product on the dropped input; without dropout (and in eval) the two are the same function.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_lightning import nf4
 from llm_lightning.linear import Linear, linear
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -32,8 +42,12 @@ class LoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = field(default=("wq", "wv"))
+    dora: bool = False
+    base_quant: str | None = None  # "nf4": the frozen base's block weights in 4 bits (QLoRA)
 
     def __post_init__(self) -> None:
+        if self.base_quant is not None and self.base_quant not in nf4.BASE_QUANTS:
+            raise ValueError(f"base_quant={self.base_quant}: expected null or one of {', '.join(nf4.BASE_QUANTS)}")
         if self.r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -53,36 +67,52 @@ class LoRAConfig:
     def scaling(self) -> float:
         return self.alpha / self.r
 
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, object]) -> LoRAConfig:
+        """The config a checkpoint recorded (``dora``/``base_quant`` absent from older ones mean off)."""
+        return cls(r=settings["r"], alpha=settings["alpha"], dropout=settings["dropout"],
+                   targets=tuple(settings["targets"]), dora=bool(settings.get("dora", False)),
+                   base_quant=settings.get("base_quant"))
+
 
 class LoRALinear(Linear):
-    """y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T, with A [r, in] and B [out, r]."""
+    """y = x W^T (+ b) + (alpha / r) * dropout(x) A^T B^T, with A [r, in] and B [out, r]; with
+    ``dora``, rescaled per output row by m / ||W + s B A|| (see the module docstring)."""
 
     def __init__(self, in_features: int, out_features: int, *, r: int, alpha: float, dropout: float,
-                 bias: bool = False, device=None, dtype=None) -> None:
+                 bias: bool = False, dora: bool = False, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r, self.scaling = r, alpha / r
         self.lora_a = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_b = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.dora = dora
+        if dora:
+            self.lora_magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False  # see lora_disabled(): the base model's output, without unmerging
+        self._merge_scale: torch.Tensor | None = None  # DoRA: the row scale a merge multiplied by
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
         # Kaiming-uniform A as nn.Linear initialises its weight, zero B: the update starts at 0.
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b)
+        if self.dora and self.weight.device.type != "meta":
+            with torch.no_grad():  # m = ||W||: the rescaling starts at 1
+                self.lora_magnitude.copy_(self.adapted_weight_norm())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: LoRAConfig, lora_dtype: torch.dtype | None = None) -> LoRALinear:
         """Wrap an existing layer, sharing (not copying) its weight and bias."""
         weight = linear.weight
+        dtype = lora_dtype or nf4.logical_dtype(weight)
         adapted = cls(linear.in_features, linear.out_features, r=config.r, alpha=config.alpha,
-                      dropout=config.dropout, bias=False, device="meta", dtype=weight.dtype)
+                      dropout=config.dropout, bias=False, dora=config.dora, device="meta", dtype=dtype)
         adapted.weight = weight
         adapted.bias = linear.bias
-        adapted.lora_a = nn.Parameter(torch.empty_like(adapted.lora_a, device=weight.device, dtype=lora_dtype or weight.dtype))
-        adapted.lora_b = nn.Parameter(torch.empty_like(adapted.lora_b, device=weight.device, dtype=lora_dtype or weight.dtype))
+        for name in ("lora_a", "lora_b", "lora_magnitude") if config.dora else ("lora_a", "lora_b"):
+            setattr(adapted, name, nn.Parameter(torch.empty_like(getattr(adapted, name), device=weight.device)))
         if weight.device.type != "meta":
             adapted.reset_lora_parameters()
         return adapted.train(linear.training)
@@ -90,30 +120,54 @@ class LoRALinear(Linear):
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_b @ self.lora_a) * self.scaling
 
+    @torch.no_grad()
+    def adapted_weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output row, in the adapter's dtype; DoRA treats it as a constant."""
+        dense = nf4.dequantize(self.weight, self.lora_a.dtype)
+        return torch.linalg.vector_norm(dense + self.delta_weight(), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
-            return out
+            return linear(x, self.weight, self.bias)
+        out = linear(x, self.weight)
         # Scaling the rank-r intermediate rather than the output touches r instead of out_features columns.
         down = F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a) * self.scaling
-        return out + F.linear(down, self.lora_b).to(out.dtype)
+        out = out + F.linear(down, self.lora_b).to(out.dtype)
+        if self.dora:
+            out = out * (self.lora_magnitude / self.adapted_weight_norm()).to(out.dtype)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the adapter into the weight (an NF4 weight becomes the dense matrix it stands for)."""
         if self.disabled:
             raise RuntimeError("cannot merge a LoRA layer while it is disabled")
-        if not self.merged:
+        if self.merged:
+            return
+        if nf4.is_nf4(self.weight):
+            self.weight = nn.Parameter(nf4.dequantize(self.weight), requires_grad=False)
+        if self.dora:
+            self._merge_scale = self.lora_magnitude / self.adapted_weight_norm()
+            merged = (nf4.dequantize(self.weight, self._merge_scale.dtype) + self.delta_weight()) \
+                * self._merge_scale[:, None]
+            self.weight.copy_(merged.to(self.weight.dtype))
+        else:
             self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
+        if not self.merged:
+            return
+        if self.dora:
+            scale = self._merge_scale[:, None]
+            self.weight.copy_((self.weight.to(scale.dtype) / scale - self.delta_weight()).to(self.weight.dtype))
+        else:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
+        self.merged = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}{', dora' if self.dora else ''}"
 
 
 def _target_modules(model: nn.Module, targets: Iterable[str]) -> Iterable[tuple[nn.Module, str]]:
@@ -125,12 +179,15 @@ def _target_modules(model: nn.Module, targets: Iterable[str]) -> Iterable[tuple[
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig, *, lora_dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every targeted linear layer by a LoRALinear, freeze all non-LoRA parameters, return the model."""
+    """Replace every targeted linear layer by a LoRALinear, freeze all non-LoRA parameters, return
+    the model; with ``config.base_quant``, the blocks' linear weights are first stored in NF4."""
     if "output" in config.targets and getattr(model, "output", True) is None:
         raise ValueError("LoRA target 'output' is impossible for a model with tied input/output embeddings")
     found = list(_target_modules(model, config.targets))
     if not found:
         raise ValueError(f"no linear layers named {', '.join(config.targets)} in the model")
+    if config.base_quant == "nf4":
+        nf4.quantize_base(model)
     for parent, name in found:
         setattr(parent, name, LoRALinear.from_linear(getattr(parent, name), config, lora_dtype))
     mark_only_lora_trainable(model)
@@ -144,11 +201,16 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
         raise ValueError("the model has no LoRA layers")
     layer = next(iter(layers.values()))
     dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
-    return LoRAConfig(r=layer.r, alpha=layer.scaling * layer.r, dropout=dropout, targets=tuple(layers))
+    quantized = any(nf4.is_nf4(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
+    return LoRAConfig(r=layer.r, alpha=layer.scaling * layer.r, dropout=dropout, targets=tuple(layers),
+                      dora=layer.dora, base_quant="nf4" if quantized else None)
+
+
+LORA_TENSORS = ("lora_a", "lora_b", "lora_magnitude")
 
 
 def is_lora_parameter(name: str) -> bool:
-    return ".lora_a" in name or ".lora_b" in name or name.startswith(("lora_a", "lora_b"))
+    return name.rsplit(".", 1)[-1] in LORA_TENSORS
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
@@ -218,6 +280,6 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), counting shared tensors once."""
+    """(trainable, total), counting shared tensors once (and an NF4 weight's values, not its bytes)."""
     unique = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+    return sum(p.numel() for p in unique if p.requires_grad), sum(nf4.numel(p) for p in unique)

@@ -51,6 +51,14 @@ class Precision:
     def half_weights(self) -> bool:
         return self.name == "bf16-true"
 
+    def frozen_dtype(self, quantized_base: bool) -> torch.dtype:
+        """The dtype of the base tensors that stay unquantized (embeddings, norms, head) and that
+        NF4 weights dequantize to. Frozen tensors need no fp32 master copy, so with a QLoRA base
+        mixed precision keeps them in its autocast dtype, as QLoRA does; otherwise ``weights_dtype``."""
+        if quantized_base and self.name in ("bf16-mixed", "16-mixed"):
+            return torch.bfloat16 if self.name == "bf16-mixed" else torch.float16
+        return self.weights_dtype
+
     @property
     def activation_bytes(self) -> int:
         return 4 if self.name == "32-true" else 2

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_lightning import cpu_kernels
+from llm_lightning import cpu_kernels, nf4
 from llm_lightning.linear import PackedLinear
 from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
@@ -120,7 +120,8 @@ def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module
                           make_head: Callable[[torch.Tensor], nn.Module] | None = None) -> LLaMA:
     """Replace every linear layer and the output head by ``make(weight)``, in place, for sampling only.
 
-    LoRA layers are merged first and go to ``make_adapted`` (default ``make``); the head goes to
+    LoRA layers are merged first and go to ``make_adapted`` (default ``make``); NF4 weights (a
+    QLoRA base) are dequantized to the values they stand for; the head goes to
     ``make_head`` (default ``make``), a tied one gets its own copy and the lookup keeps the table."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
@@ -133,7 +134,7 @@ def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module
                     factory = make_head or make
                 if child.bias is not None:
                     raise ValueError(f"{name}: sampling layers have no bias; LLaMA linear layers have none")
-                setattr(module, name, factory(child.weight))
+                setattr(module, name, factory(nf4.dequantize(child.weight)))
     if model.output is None:
         model.output = (make_head or make)(model.tok_embeddings.weight)
     return model
@@ -151,7 +152,7 @@ def holds_int4_codes(model: LLaMA, group_size: int = 32) -> bool:
     for module in model.modules():
         if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and module is not model.output:
             weight = module.weight
-            if not Int4Linear.fits(weight, group_size):
+            if nf4.is_nf4(weight) or not Int4Linear.fits(weight, group_size):
                 return False
             codes, scale, low = int4_codes(weight, group_size)
             rebuilt = (codes.view(weight.shape[0], -1, group_size) * scale[..., None] + low[..., None]).view(weight.shape)

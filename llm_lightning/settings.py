@@ -53,6 +53,8 @@ class LoRASettings:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    dora: bool = False
+    base_quant: Optional[str] = None  # nf4: QLoRA's 4-bit base (needs the qlora extra)
 
     def __post_init__(self) -> None:
         self.config = lora_config(self)
@@ -61,7 +63,8 @@ class LoRASettings:
 def lora_config(lora: Any) -> LoRAConfig:
     """``LoRAConfig`` from the ``lora`` group's settings (a DictConfig or ``LoRASettings``)."""
     try:
-        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets))
+        return LoRAConfig(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets),
+                          dora=bool(getattr(lora, "dora", False)), base_quant=getattr(lora, "base_quant", None))
     except ValueError as exc:
         raise SettingError(f"lora: {exc}") from None
 

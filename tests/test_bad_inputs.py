@@ -64,6 +64,7 @@ CASES = [
     ("train", [*TINY, "data.template=llama3"], "template=llama3 needs the special tokens <|start_header_id|>"),
     ("train", [*TINY, "lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
     ("train", [*TINY, "lora.r=0"], "lora: LoRA rank r must be positive"),
+    ("train", [*TINY, "lora.base_quant=int4"], "lora: base_quant=int4: expected null or one of nf4"),
     ("train", ["logger=none", "model=llama2_7b"], "model.source is required for preset llama2-7b"),
     ("train", [*TINY, "model=llama9"], "Could not find 'model/llama9'"),
     ("train", [*TINY, "ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),

@@ -82,11 +82,14 @@ def _final_adapter(run_dir):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm", "sft-qlora-dora"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(stage, tmp_path):
     overrides = [*TINY, "trainer.max_epochs=2", "lora.dropout=0.1", "name=resume",
                  "callbacks.last_checkpoint.every_n_train_steps=3"]
     steps = 68  # 2 epochs of 34 steps
+    if stage == "sft-qlora-dora":  # an NF4 base and DoRA's magnitudes
+        overrides += ["lora.base_quant=nf4", "lora.dora=true"]
+        stage = "sft"
     if stage != "sft":  # 36 training pairs, 2 a batch
         pairs = write_preference_pairs(tmp_path / "pairs.json", count=40)
         overrides += [f"stage={stage}", "data=preferences", f"data.path={pairs}", "data.batch_size=2"]

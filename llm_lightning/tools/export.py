@@ -39,9 +39,11 @@ def export(cfg: DictConfig) -> Path:
         if settings.format.value != "hf":
             raise UserFacingError(f"{checkpoint}: a reward model (stage=rm) exports as format=hf "
                                   f"(LlamaForSequenceClassification), not format={settings.format.value}")
-        head, contents = load_reward_model(model, tokenizer, checkpoint, force=settings.force_adapter_load)
+        head, contents = load_reward_model(model, tokenizer, checkpoint, force=settings.force_adapter_load,
+                                           quantize_base=False)
     else:
-        contents = load_adapter(model, tokenizer, checkpoint, force=settings.force_adapter_load)
+        # A QLoRA adapter goes onto the full-precision base, which is what a merge should hold.
+        contents = load_adapter(model, tokenizer, checkpoint, force=settings.force_adapter_load, quantize_base=False)
     template = trained_template(contents, tokenizer)
     if template is not None:
         tokenizer.chat_template = template.source

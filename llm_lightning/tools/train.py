@@ -93,8 +93,10 @@ def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     checkpointing = bool(cfg.model.get("activation_checkpointing", False))
     # A preference pair is two sequences (chosen and rejected) in one forward.
     sequences = cfg.data.batch_size * (2 if pairs else 1)
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    device_type = "cpu" if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()) else "cuda"
     result = estimate(config, lora, precision=precision, batch_size=sequences,
-                      seq_len=cfg.data.max_seq_length, checkpointing=checkpointing)
+                      seq_len=cfg.data.max_seq_length, checkpointing=checkpointing, device_type=device_type)
     print(format_report(config.name, lora, result, precision=precision,
                         batch_size=sequences, seq_len=cfg.data.max_seq_length,
                         checkpointing=checkpointing))
@@ -140,8 +142,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
 
-    model, tokenizer = load_base_model(cfg.model, dtype=precision.weights_dtype)
     lora = lora_config(cfg.lora)
+    model, tokenizer = load_base_model(cfg.model, dtype=precision.frozen_dtype(lora.base_quant is not None))
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
     print(datamodule.report.format())
