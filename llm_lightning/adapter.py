@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from llm_lightning import nf4
 from llm_lightning.checkpoints.peft_format import is_peft_adapter, load_peft_adapter
 from llm_lightning.errors import CheckpointError
 from llm_lightning.lora import LoRAConfig, apply_lora, load_lora_state_dict
@@ -51,7 +52,8 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
     or a PEFT adapter directory (which carries no provenance). Returns the checkpoint's contents.
     A reward model's checkpoint (``stage=rm``) is refused unless ``reward_model`` (``load_reward_model``).
     A QLoRA adapter's base is stored in NF4 again, as it was trained (the same codes: quantization is
-    deterministic), unless ``quantize_base`` is false (export merges into the full-precision base)."""
+    deterministic, from the weights rounded to the dtype training quantized them in), unless
+    ``quantize_base`` is false (export merges into the full-precision base)."""
     path = Path(path)
     if is_peft_adapter(path) and not reward_model:
         return load_peft_adapter(model, path)
@@ -66,6 +68,8 @@ def load_adapter(model: LLaMA, tokenizer: Tokenizer, path: str | Path, *, force:
     check_provenance(provenance, build_provenance(model, tokenizer), source=str(path), force=force,
                      keys=("base_weights", "tokenizer"))
     config = LoRAConfig.from_dict(checkpoint["lora_config"])
+    if config.base_quant and quantize_base:
+        nf4.quantize_base(model, getattr(torch, checkpoint.get("base_quant_dtype", "float32")))
     apply_lora(model, config if quantize_base else replace(config, base_quant=None))
     adapter = {k.removeprefix(MODULE_PREFIX): v for k, v in checkpoint["state_dict"].items()
                if not (reward_model and k == HEAD_KEY)}

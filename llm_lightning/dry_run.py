@@ -11,19 +11,18 @@ with activation checkpointing only block inputs are kept, plus one block recompu
 A QLoRA base (``base_quant=nf4``) stores the blocks' linear weights at ``nf4.bytes_per_weight()``
 and dequantizes one matrix at a time, in the compute dtype, for its product (the largest is
 counted, once). DoRA keeps each adapted layer's output before its rescaling (for the magnitude's
-gradient) and computes one row norm of a dense fp32 W + s B A at a time.
+gradient) and takes the row norms of one fp32 weight at a time.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.linear_cross_entropy import CHUNK_BYTES
-from dataclasses import replace
-
 from llm_lightning import nf4
 from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters
 from llm_lightning.precision import Precision
@@ -51,23 +50,26 @@ def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: Precision, bat
              checkpointing: bool, device_type: str = "cuda") -> dict[str, Any]:
     with torch.device("meta"):
         model = LLaMA(config)
-    quantized = sum(m.weight.numel() for name, m in model.named_modules()
-                    if name.rsplit(".", 1)[-1] in nf4.QUANTIZED_LAYERS) if lora.base_quant else 0
+    quantized = sum(m.weight.numel() for _, m in nf4.quantized_layers(model)) if lora.base_quant else 0
     apply_lora(model, replace(lora, base_quant=None))  # the meta device holds no values to quantize
     trainable, total = count_parameters(model)
     base = total - trainable
-    weight_bytes = precision.frozen_dtype(lora.base_quant is not None).itemsize
+    # The token embeddings keep weights_dtype; the rest of the base is loaded in frozen_dtype (precision.py).
+    embedding = config.vocab_size * config.dim
+    frozen_bytes = precision.frozen_dtype(lora.base_quant is not None).itemsize
     act_bytes = precision.activation_bytes
     largest_matrix = config.dim * max(config.ffn_hidden_dim, config.dim)
     memory = {
-        "weights": (base - quantized) * weight_bytes + quantized * nf4.bytes_per_weight() + trainable * 4,
+        "weights": (quantized * nf4.bytes_per_weight() + embedding * precision.weights_dtype.itemsize
+                    + (base - quantized - embedding) * frozen_bytes + trainable * 4),
         "gradients": trainable * 4,
         "optimizer (AdamW)": trainable * 8,
         "activations": _activation_bytes(config, lora, tokens=batch_size * seq_len, act_bytes=act_bytes,
                                          checkpointing=checkpointing, device_type=device_type),
     }
     if lora.base_quant or lora.dora:
-        memory["dequantized matrix"] = largest_matrix * ((act_bytes if lora.base_quant else 0) + (8 if lora.dora else 0))
+        # the product's dequantized weight, and DoRA's fp32 one for its row norms
+        memory["dequantized matrix"] = largest_matrix * ((act_bytes if lora.base_quant else 0) + (4 if lora.dora else 0))
     return {"base": base, "trainable": trainable, "total": total, "memory": memory, "device": device_type}
 
 

@@ -35,6 +35,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     keep = targets != ignore_index
     hidden, targets = hidden[keep], targets[keep]
+    if hidden.dtype != weight.dtype:  # a bf16 head on fp32 activations (QLoRA under bf16-mixed): its dtype
+        hidden = hidden.to(weight.dtype)
     if chunk_rows is None:
         budget = CHUNK_BYTES.get(hidden.device.type, CHUNK_BYTES["cpu"])
         chunk_rows = max(1, budget // (4 * weight.shape[0]))

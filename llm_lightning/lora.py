@@ -122,9 +122,15 @@ class LoRALinear(Linear):
 
     @torch.no_grad()
     def adapted_weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| per output row, in the adapter's dtype; DoRA treats it as a constant."""
-        dense = nf4.dequantize(self.weight, self.lora_a.dtype)
-        return torch.linalg.vector_norm(dense + self.delta_weight(), dim=1)
+        """||W + s B A|| per output row, in fp32; DoRA treats it as a constant. Expanded as
+        ||W||^2 + 2 s <W, B A> + s^2 ||B A||^2 with <W_i, (B A)_i> = B_i . (A W^T)_i, so no
+        out x in matrix is formed besides the (dequantized) weight itself."""
+        a, b, s = self.lora_a.float(), self.lora_b.float(), self.scaling
+        dense = nf4.dequantize(self.weight)
+        weight_sq = torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square()
+        cross = (b * F.linear(self.lora_a.to(dense.dtype), dense).t().float()).sum(1)
+        update_sq = ((b @ (a @ a.t())) * b).sum(1)
+        return (weight_sq + 2 * s * cross + s * s * update_sq).clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
@@ -134,12 +140,13 @@ class LoRALinear(Linear):
         down = F.linear(self.lora_dropout(x).to(self.lora_a.dtype), self.lora_a) * self.scaling
         out = out + F.linear(down, self.lora_b).to(out.dtype)
         if self.dora:
-            out = out * (self.lora_magnitude / self.adapted_weight_norm()).to(out.dtype)
+            out = out * (self.lora_magnitude / self.adapted_weight_norm().to(self.lora_magnitude.dtype)).to(out.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the adapter into the weight (an NF4 weight becomes the dense matrix it stands for)."""
+        """Fold the adapter into the weight. An NF4 weight becomes the dense matrix it stands for,
+        for good: ``unmerge`` leaves it dense (merging is for export and sampling, never training)."""
         if self.disabled:
             raise RuntimeError("cannot merge a LoRA layer while it is disabled")
         if self.merged:

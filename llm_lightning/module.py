@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from llm_lightning import nf4
 from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
 from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
@@ -76,7 +77,7 @@ class LoRAFineTuner(L.LightningModule):
         for LoRA on a frozen base, backward through activations only 2N more (no weight gradients
         for the base), plus attention 4·L·d·T forward (12·L·d·T with backward); N = matmul parameters."""
         if self._matmul_parameters is None:
-            self._matmul_parameters = sum(m.weight.numel() for m in self.model.modules()
+            self._matmul_parameters = sum(nf4.numel(m.weight) for m in self.model.modules()
                                           if isinstance(m, torch.nn.Linear)
                                           and (self.uses_lm_head or m is not self.model.output))
             if self.model.output is None and self.uses_lm_head:
@@ -187,6 +188,8 @@ class LoRAFineTuner(L.LightningModule):
         checkpoint["provenance"] = dict(self.provenance)
         checkpoint["stage"] = self.stage
         checkpoint["lora_config"] = {**asdict(self.lora_config), "targets": list(self.lora_config.targets)}
+        if (dtype := nf4.base_dtype(self.model)) is not None:  # what the NF4 codes were quantized from
+            checkpoint["base_quant_dtype"] = str(dtype).removeprefix("torch.")
         checkpoint["model_config"] = self.model.config.to_dict()
         checkpoint["rng_state"] = torch.get_rng_state()
         if torch.cuda.is_available():
@@ -195,6 +198,10 @@ class LoRAFineTuner(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = "checkpoint"
         check_provenance(checkpoint.get("provenance"), self.provenance, source=source, force=self.force_adapter_load)
+        saved_quant = (checkpoint.get("lora_config") or {}).get("base_quant")
+        if saved_quant != self.lora_config.base_quant:
+            raise CheckpointError(f"{source}: trained with lora.base_quant={saved_quant or 'null'}, "
+                                  f"resumed with {self.lora_config.base_quant or 'null'}; resume with the same setting")
         expected = {k for k in self.state_dict() if self.is_checkpointed(k)}
         present = set(checkpoint["state_dict"])
         if present != expected:

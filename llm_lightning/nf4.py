@@ -19,6 +19,7 @@ bitsandbytes is an optional extra (``pip install -e ".[qlora]"``, 125 MB install
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -55,8 +56,14 @@ def is_nf4(weight: torch.Tensor) -> bool:
     return getattr(weight, "quant_state", None) is not None and getattr(weight, "quant_type", None) == "nf4"
 
 
+def require() -> None:
+    """Fail before any weights are loaded when bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SettingError(f"lora.base_quant=nf4 needs bitsandbytes: {INSTALL_HINT}")
+
+
 def quantize(weight: torch.Tensor) -> nn.Parameter:
-    """``weight`` as a frozen NF4 parameter (``Params4bit``) on the same device."""
+    """``weight`` as a frozen NF4 parameter (``Params4bit``) on the same device, dequantizing to its dtype."""
     bnb = _bitsandbytes()
     codes, state = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=BLOCK_SIZE,
                                                 compress_statistics=True, quant_type="nf4")
@@ -106,23 +113,38 @@ def nf4_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out if bias is None else out + bias.to(out.dtype)
 
 
-def quantize_base(model: nn.Module) -> nn.Module:
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers ``quantize_base`` stores in NF4: every linear layer inside the blocks."""
+    return [(name, module) for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in QUANTIZED_LAYERS and isinstance(module, nn.Linear)]
+
+
+def quantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Store every linear layer inside the blocks as NF4, in place; returns the model. Run before
-    LoRA is added (``apply_lora`` does): the adapted layers share the quantized weight."""
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in QUANTIZED_LAYERS and isinstance(module, nn.Linear) and not is_nf4(module.weight):
-            if module.bias is not None:
-                raise ValueError(f"{name}: NF4 layers have no bias; LLaMA linear layers have none")
-            if module.weight.device.type == "meta":
-                raise ValueError(f"{name}: cannot quantize a weight on the meta device")
-            module.weight = quantize(module.weight)
+    LoRA is added (``apply_lora`` does): the adapted layers share the quantized weight.
+
+    ``dtype``: quantize the weights rounded to it (and dequantize to it), as they were in training:
+    the same codes whatever dtype the base was loaded in here (``base_dtype`` records it)."""
+    for name, module in quantized_layers(model):
+        if is_nf4(module.weight):
+            continue
+        if module.bias is not None:
+            raise ValueError(f"{name}: NF4 layers have no bias; LLaMA linear layers have none")
+        if module.weight.device.type == "meta":
+            raise ValueError(f"{name}: cannot quantize a weight on the meta device")
+        module.weight = quantize(module.weight if dtype is None else module.weight.to(dtype))
     return model
+
+
+def base_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the NF4 weights were quantized from (None for a dense base)."""
+    return next((logical_dtype(m.weight) for _, m in quantized_layers(model) if is_nf4(m.weight)), None)
 
 
 @torch.no_grad()
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Undo ``quantize_base`` in place: dense weights holding the values the NF4 codes stand for
-    (what export and the sampling-only rewrites need). Returns the model."""
+    """Undo ``quantize_base`` in place: dense weights holding the values the NF4 codes stand for.
+    Returns the model."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and is_nf4(module.weight):
             module.weight = nn.Parameter(dequantize(module.weight, dtype), requires_grad=False)

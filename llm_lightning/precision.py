@@ -52,9 +52,13 @@ class Precision:
         return self.name == "bf16-true"
 
     def frozen_dtype(self, quantized_base: bool) -> torch.dtype:
-        """The dtype of the base tensors that stay unquantized (embeddings, norms, head) and that
-        NF4 weights dequantize to. Frozen tensors need no fp32 master copy, so with a QLoRA base
-        mixed precision keeps them in its autocast dtype, as QLoRA does; otherwise ``weights_dtype``."""
+        """The dtype the base is loaded in: what NF4 weights are quantized from and dequantize to,
+        and the dtype of the head and norms. Frozen tensors need no fp32 master copy, so with a
+        QLoRA base mixed precision loads it in its autocast dtype (as QLoRA loads bf16 weights);
+        the token embeddings alone go back to ``weights_dtype`` (fp32), so the residual stream
+        stays fp32 as in any mixed-precision run (train.py; PEFT's ``prepare_model_for_kbit_training``
+        upcasts the norms too, which are 0.002% of a 7B model and multiply fp32 activations here
+        anyway). Otherwise ``weights_dtype``."""
         if quantized_base and self.name in ("bf16-mixed", "16-mixed"):
             return torch.bfloat16 if self.name == "bf16-mixed" else torch.float16
         return self.weights_dtype

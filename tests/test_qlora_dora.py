@@ -116,12 +116,14 @@ def test_dora_starts_at_the_base_and_merges_exactly():
     with torch.no_grad():
         base = model(input_ids)
         apply_lora(model, LoRAConfig(r=4, alpha=8, targets=("all",), dora=True))
-        assert torch.equal(model.layers[0].attention.wq.lora_magnitude,
-                           torch.linalg.vector_norm(model.layers[0].attention.wq.weight, dim=1))
+        layer = model.layers[0].attention.wq
+        assert torch.allclose(layer.lora_magnitude, torch.linalg.vector_norm(layer.weight, dim=1), rtol=1e-6)
         assert (model(input_ids) - base).abs().max() < 1e-5  # m = ||W||, B = 0: the base model
         randomize_adapters(model)
         adapted = model(input_ids)
         assert (adapted - base).abs().max() > 1e-2
+        direct = torch.linalg.vector_norm(layer.weight + layer.delta_weight(), dim=1)
+        assert torch.allclose(layer.adapted_weight_norm(), direct, rtol=1e-6)
         with lora_disabled(model):
             assert (model(input_ids) - base).abs().max() < 1e-5
         weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -157,9 +159,10 @@ def test_dry_run_sizes_qlora_and_dora():
                                    ("dora", replace(lora, dora=True)))}
     linear_weights = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     embeddings_and_head = 2 * 32000 * 4096
-    # QLoRA: 4-bit block weights; embeddings, head and norms in bf16 (frozen: no fp32 master needed).
+    # QLoRA: 4-bit block weights, the head and norms in bf16 (frozen: no fp32 master needed), the
+    # token embeddings in fp32 (the residual stream's start).
     base = sizes["qlora"]["base"]
-    expected = (linear_weights * nf4.bytes_per_weight() + (base - linear_weights) * 2
+    expected = (linear_weights * nf4.bytes_per_weight() + 32000 * 4096 * 4 + (32000 * 4096 + 65 * 4096) * 2
                 + sizes["qlora"]["trainable"] * 4)
     assert sizes["qlora"]["memory"]["weights"] == pytest.approx(expected)
     assert base - linear_weights == embeddings_and_head + 65 * 4096
@@ -235,3 +238,35 @@ def test_dry_run_estimate_matches_the_measured_cpu_peak_of_qlora(tmp_path):
                    cwd=REPO, check=True, capture_output=True, timeout=600)
     row = json.loads(output.read_text())["rows"][0]
     assert abs(row["estimate_error"]) <= 0.15, row
+
+
+def test_an_nf4_base_is_requantized_from_the_dtype_training_quantized_it_in():
+    """Training under bf16-mixed quantizes a bf16 base; a tool that loads it in fp32 gets the same codes."""
+    trained_in_bf16 = nf4.quantize_base(tiny().to(torch.bfloat16))
+    reloaded = nf4.quantize_base(tiny(), torch.bfloat16)
+    assert nf4.base_dtype(trained_in_bf16) == nf4.base_dtype(reloaded) == torch.bfloat16
+    for (name, layer), (_, again) in zip(nf4.quantized_layers(trained_in_bf16), nf4.quantized_layers(reloaded)):
+        assert torch.equal(layer.weight.data, again.weight.data), name
+        assert torch.equal(nf4.dequantize(layer.weight), nf4.dequantize(again.weight)), name
+
+
+def test_qlora_under_bf16_mixed_keeps_fp32_embeddings_and_records_the_quantized_dtype(tmp_path):
+    run_train("model=tiny", "logger=none", "data.max_seq_length=64", "trainer.max_steps=2",
+              "trainer.limit_val_batches=0", "trainer.precision=bf16-mixed", "lora.base_quant=nf4", run_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["base_quant_dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in checkpoint["state_dict"].values())  # fp32 adapters
+    assert "weights                    " in run_train("model=tiny", "dry_run=true", "lora.base_quant=nf4",
+                                                      run_dir=tmp_path / "dry").stdout
+
+
+def test_qlora_quickstart_learns_nine_tenths_of_what_the_fp32_quickstart_learns(tmp_path):
+    """The embedded model and the bundled sample, as README's main command trains it, with and
+    without an NF4 base: the held-out loss must fall at least 90% as far with one."""
+    drops = {}
+    for name, extra in (("fp32", ()), ("nf4", ("lora.base_quant=nf4",))):
+        run_train("experiment=quickstart", "logger=none", "~callbacks.samples", *extra, run_dir=tmp_path / name,
+                  timeout=900)
+        result = summary(tmp_path / name)
+        drops[name] = result["val_loss_start"] - result["val_loss_end"]
+    assert drops["fp32"] > 0.4 and drops["nf4"] >= 0.9 * drops["fp32"], drops

@@ -21,7 +21,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from llm_lightning import cpu_kernels
+from llm_lightning import cpu_kernels, nf4
 from llm_lightning.loading import load_base_model
 from llm_lightning.adapter import load_adapter, read_training_checkpoint
 from llm_lightning.callbacks import ResourceMonitor, SampleGenerations
@@ -30,7 +30,7 @@ from llm_lightning.config import LLaMAConfig
 from llm_lightning.dry_run import estimate, format_report
 from llm_lightning.errors import UserFacingError
 from llm_lightning.dpo import DPOFineTuner
-from llm_lightning.lora import apply_lora, count_parameters, lora_config_of, lora_state_dict
+from llm_lightning.lora import LoRAConfig, apply_lora, count_parameters, lora_config_of, lora_state_dict
 from llm_lightning.module import LoRAFineTuner
 from llm_lightning.precision import HalfPrecisionFP32Adapters, Precision
 from llm_lightning.provenance import build_provenance
@@ -143,15 +143,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), output_dir)
 
     lora = lora_config(cfg.lora)
-    model, tokenizer = load_base_model(cfg.model, dtype=precision.frozen_dtype(lora.base_quant is not None))
+    reference_path = None
+    if settings.dpo.reference and settings.stage.name == "dpo":
+        reference_path = str(resolve_checkpoint(settings.dpo.reference).resolve())
+        # The policy starts from the supervised adapter that is also the reference, so its LoRA shape rules.
+        lora = LoRAConfig.from_dict(read_training_checkpoint(reference_path)["lora_config"])
+    if lora.base_quant:
+        nf4.require()
+        if "fsdp" in str(cfg.trainer.get("strategy")).lower():
+            raise UserFacingError("lora.base_quant=nf4 with trainer=fsdp: FSDP would flatten the 4-bit codes "
+                                  "together with the adapters; use trainer=gpu or trainer=ddp")
+    frozen_dtype = precision.frozen_dtype(lora.base_quant is not None)
+    model, tokenizer = load_base_model(cfg.model, dtype=frozen_dtype)
+    if frozen_dtype != precision.weights_dtype:  # a QLoRA base under mixed precision (see precision.py)
+        model.tok_embeddings.to(precision.weights_dtype)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
     print(datamodule.report.format())
     provenance = build_provenance(model, tokenizer, datamodule.template)
-    reference_adapter = reference_path = None
-    if settings.dpo.reference and settings.stage.name == "dpo":
-        # The policy starts from the supervised adapter that is also the reference, so its LoRA shape rules.
-        reference_path = str(resolve_checkpoint(settings.dpo.reference).resolve())
+    reference_adapter = None
+    if reference_path:
         load_adapter(model, tokenizer, reference_path, force=cfg.force_adapter_load)
         lora = lora_config_of(model)
         for parameter in (p for p in model.parameters() if p.requires_grad):
