@@ -1,6 +1,10 @@
-"""Exports leave the framework intact: transformers and PEFT give our logits (fp32, <= 1e-4)."""
+"""Exports leave the framework intact: transformers and PEFT give our logits (fp32, <= 1e-4), for
+a LoRA adapter and for a DoRA adapter trained on an NF4 base (QLoRA), which exports for the
+full-precision base."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -11,18 +15,21 @@ from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
 from tests.train_runner import run_tool, run_train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_tokenizer_dir):
+VARIANTS = {"lora": (), "qlora-dora": ("lora.dora=true", "lora.base_quant=nf4")}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def trained(request, tmp_path_factory, tiny_tokenizer_dir):
     """A tiny HF base saved by transformers, and an adapter trained on it with train.py."""
     root = tmp_path_factory.mktemp("export")
     base = save_hf_dir(make_hf_llama(n_kv_heads=2), root / "base", tiny_tokenizer_dir)
     run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "trainer.max_epochs=1",
               "trainer.limit_train_batches=3", "trainer.limit_val_batches=0", "data.max_seq_length=128",
               "lora.targets=[wq,wk,wv,w2]", "lora.r=4", "optimizer.lr=3e-2", "scheduler.warmup_steps=0",
-              run_dir=root / "run")
+              *VARIANTS[request.param], run_dir=root / "run")
     checkpoint = root / "run" / "checkpoints" / "last.ckpt"
     model, tokenizer = load_pretrained(base)
-    load_adapter(model, tokenizer, checkpoint)
+    load_adapter(model, tokenizer, checkpoint, quantize_base=False)  # a QLoRA adapter on the full-precision base
     input_ids = torch.randint(0, TINY_VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids)
@@ -61,6 +68,8 @@ def test_peft_export_loads_in_peft(trained, tmp_path):
 
     base, checkpoint, input_ids, expected = trained
     run_tool("export", f"ckpt_path={checkpoint}", f"model.source={base}", "format=peft", f"output_dir={tmp_path}")
+    dora = torch.load(checkpoint, weights_only=True)["lora_config"]["dora"]
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is dora
     hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     adapted = PeftModel.from_pretrained(hf_base, tmp_path).eval()
     with torch.no_grad():

@@ -11,8 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig, load_pretrained, nf4
-from llm_lightning.adapter import load_adapter
+from llm_lightning import LLaMA, LLaMAConfig, nf4
 from llm_lightning.config import LLaMAConfig as Config
 from llm_lightning.dry_run import estimate
 from llm_lightning.lora import (
@@ -20,7 +19,7 @@ from llm_lightning.lora import (
     lora_state_dict,
 )
 from llm_lightning.precision import Precision
-from tests.conftest import TINY_VOCAB, make_hf_llama, save_hf_dir
+from tests.conftest import make_hf_llama, save_hf_dir
 from tests.train_runner import REPO, run_tool, run_train, summary
 
 pytest.importorskip("bitsandbytes")
@@ -174,53 +173,21 @@ def test_dry_run_sizes_qlora_and_dora():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_tokenizer_dir):
-    """A tiny HF base saved by transformers, and a DoRA adapter trained by train.py on its NF4 codes."""
+    """A tiny HF base saved by transformers, and a DoRA adapter trained by train.py on its NF4 codes
+    (test_export.py exports one like it)."""
     root = tmp_path_factory.mktemp("qlora_dora")
     base = save_hf_dir(make_hf_llama(n_kv_heads=2), root / "base", tiny_tokenizer_dir)
     run_train(f"model.source={base}", "model.preset=tiny", "logger=none", "trainer.max_epochs=1",
               "trainer.limit_train_batches=3", "data.max_seq_length=128", "data.val_size=6",
               "lora.targets=[wq,wk,wv,w2]", "lora.r=4", "lora.dora=true", "lora.base_quant=nf4",
               "optimizer.lr=3e-2", "scheduler.warmup_steps=0", run_dir=root / "run")
-    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = torch.load(root / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["lora_config"]["dora"] and saved["lora_config"]["base_quant"] == "nf4"
-    model, tokenizer = load_pretrained(base)
-    load_adapter(model, tokenizer, checkpoint, quantize_base=False)  # on the full-precision base
-    input_ids = torch.randint(0, TINY_VOCAB, (2, 48), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(input_ids)
-        assert (expected - load_pretrained(base)[0](input_ids)).abs().max() > 1e-3  # the adapter does something
-    return base, root / "run", input_ids, expected
-
-
-def test_qlora_dora_adapter_exports_to_peft_on_the_full_precision_base(trained, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base, run, input_ids, expected = trained
-    run_tool("export", f"ckpt_path={run}", f"model.source={base}", "format=peft", f"output_dir={tmp_path}")
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path)
-    with torch.no_grad():
-        assert (adapted.eval()(input_ids=input_ids).logits - expected).abs().max().item() <= 1e-4
-    ours, tokenizer = load_pretrained(base)  # and back, as generate.py ckpt_path=<adapter dir> reads it
-    load_adapter(ours, tokenizer, tmp_path)
-    with torch.no_grad():
-        assert (ours(input_ids) - expected).abs().max().item() <= 1e-5
-
-
-def test_dora_adapter_merges_into_an_hf_export(trained, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    base, run, input_ids, expected = trained
-    run_tool("export", f"ckpt_path={run}", f"model.source={base}", "format=hf", f"output_dir={tmp_path}")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert (merged(input_ids).logits - expected).abs().max().item() <= 1e-4
+    return base, root / "run"
 
 
 def test_evaluate_and_generate_put_the_adapter_back_on_its_nf4_base(trained, tmp_path):
-    base, run, _, _ = trained
+    base, run = trained
     output = tmp_path / "eval.json"
     run_tool("evaluate", f"ckpt_path={run}", f"model.source={base}", "max_new_tokens=2", f"output={output}")
     # the held-out loss training measured last, reproduced: the same NF4 codes under the same adapter
