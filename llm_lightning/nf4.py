@@ -11,7 +11,7 @@ The codes and their dequantization are bitsandbytes' (the library PEFT and trans
 QLoRA), through its public ``quantize_4bit``/``dequantize_4bit``; the weight is its ``Params4bit``,
 which carries its quantization state across ``.to(device)``. Measured on a 2-core Sapphire Rapids
 Xeon (``benchmarks/nf4_kernels.py``, torchao 0.18 installed beside it): dequantizing a 4096x4096
-matrix takes 21 ms with bitsandbytes' CPU kernel against 200 ms with torchao's ``NF4Tensor``
+matrix takes 21-29 ms with bitsandbytes' CPU kernel against 200-215 ms with torchao's ``NF4Tensor``
 (plain PyTorch ops, no CPU kernel), whose double quantization also refuses matrices whose block
 count is not a multiple of 256 (SmolLM2's 576x576 projections). bitsandbytes picks AVX-512 or a
 plain AVX path at run time. bitsandbytes is an optional extra (``pip install -e ".[qlora]"``,

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from llm_lightning import LLaMA, LLaMAConfig, nf4
-from llm_lightning.config import LLaMAConfig as Config
 from llm_lightning.dry_run import estimate
 from llm_lightning.lora import (
     LoRAConfig, LoRALinear, apply_lora, count_parameters, load_lora_state_dict, lora_config_of, lora_disabled,
@@ -150,7 +149,7 @@ def test_dora_on_an_nf4_base_merges_into_the_dequantized_weight():
 
 
 def test_dry_run_sizes_qlora_and_dora():
-    config = Config.from_name("llama2-7b")
+    config = LLaMAConfig.from_name("llama2-7b")
     lora = LoRAConfig(r=16, alpha=32, targets=("all",))
     precision = Precision.parse("bf16-mixed")
     sizes = {name: estimate(config, variant, precision=precision, batch_size=4, seq_len=512, checkpointing=True)
