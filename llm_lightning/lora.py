@@ -208,9 +208,8 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
         raise ValueError("the model has no LoRA layers")
     layer = next(iter(layers.values()))
     dropout = layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
-    quantized = any(nf4.is_nf4(m.weight) for m in model.modules() if isinstance(m, nn.Linear))
     return LoRAConfig(r=layer.r, alpha=layer.scaling * layer.r, dropout=dropout, targets=tuple(layers),
-                      dora=layer.dora, base_quant="nf4" if quantized else None)
+                      dora=layer.dora, base_quant="nf4" if nf4.base_dtype(model) is not None else None)
 
 
 LORA_TENSORS = ("lora_a", "lora_b", "lora_magnitude")

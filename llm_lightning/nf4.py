@@ -42,25 +42,24 @@ def bytes_per_weight() -> float:
     return 0.5 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SCALE_BLOCK_SIZE)
 
 
+def require() -> None:
+    """One error line when bitsandbytes is missing (train.py calls it before loading any weights)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SettingError(f"lora.base_quant=nf4 needs bitsandbytes: {INSTALL_HINT}")
+
+
 def _bitsandbytes() -> Any:
-    try:
-        # Its CPU backend warns at import about an optional kernel package for a fused product we
-        # do not use (we dequantize and let PyTorch multiply); that logger only.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-        import bitsandbytes
-    except ImportError:
-        raise SettingError(f"lora.base_quant=nf4 needs bitsandbytes: {INSTALL_HINT}") from None
+    require()
+    # Its CPU backend warns at import about an optional kernel package for a fused product we do
+    # not use (we dequantize and let PyTorch multiply); that logger only.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import bitsandbytes
+
     return bitsandbytes
 
 
 def is_nf4(weight: torch.Tensor) -> bool:
     return getattr(weight, "quant_state", None) is not None and getattr(weight, "quant_type", None) == "nf4"
-
-
-def require() -> None:
-    """Fail before any weights are loaded when bitsandbytes is missing."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise SettingError(f"lora.base_quant=nf4 needs bitsandbytes: {INSTALL_HINT}")
 
 
 def quantize(weight: torch.Tensor) -> nn.Parameter:
@@ -143,10 +142,10 @@ def base_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def dequantize_base(model: nn.Module) -> nn.Module:
     """Undo ``quantize_base`` in place: dense weights holding the values the NF4 codes stand for.
     Returns the model."""
     for module in model.modules():
         if isinstance(module, nn.Linear) and is_nf4(module.weight):
-            module.weight = nn.Parameter(dequantize(module.weight, dtype), requires_grad=False)
+            module.weight = nn.Parameter(dequantize(module.weight), requires_grad=False)
     return model

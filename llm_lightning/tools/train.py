@@ -38,13 +38,23 @@ from llm_lightning.reward_model import RewardModelFineTuner
 from llm_lightning.settings import lora_config, to_settings
 
 
+def runs_on_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config asks for a CUDA GPU (``auto``: when one is here)."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def uses_fsdp(trainer_cfg: DictConfig) -> bool:
+    return "fsdp" in str(trainer_cfg.get("strategy")).lower()
+
+
 def check_precision(trainer_cfg: DictConfig) -> Precision:
     """``trainer.precision`` parsed once, and refused where the accelerator cannot run it."""
     precision = Precision.parse(trainer_cfg.get("precision", "32-true"))
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserFacingError(f"trainer.accelerator={accelerator} but no CUDA GPU is available; use trainer=cpu")
-    precision.check_device(accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()))
+    precision.check_device(runs_on_gpu(trainer_cfg))
     return precision
 
 
@@ -93,8 +103,7 @@ def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     checkpointing = bool(cfg.model.get("activation_checkpointing", False))
     # A preference pair is two sequences (chosen and rejected) in one forward.
     sequences = cfg.data.batch_size * (2 if pairs else 1)
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    device_type = "cpu" if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()) else "cuda"
+    device_type = "cuda" if runs_on_gpu(cfg.trainer) else "cpu"
     result = estimate(config, lora, precision=precision, batch_size=sequences,
                       seq_len=cfg.data.max_seq_length, checkpointing=checkpointing, device_type=device_type)
     print(format_report(config.name, lora, result, precision=precision,
@@ -106,7 +115,7 @@ def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
 def precision_arguments(precision: Precision, trainer_cfg: DictConfig) -> dict[str, Any]:
     """Half-precision training keeps the adapters in fp32 (see ``precision.py``). FSDP brings its
     own precision plugin, which casts everything it shards, so it keeps Lightning's setting."""
-    if not precision.half_weights or "fsdp" in str(trainer_cfg.get("strategy")).lower():
+    if not precision.half_weights or uses_fsdp(trainer_cfg):
         return {"precision": precision.name}
     return {"precision": None, "plugins": [HalfPrecisionFP32Adapters(precision.name)]}
 
@@ -150,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lora = LoRAConfig.from_dict(read_training_checkpoint(reference_path)["lora_config"])
     if lora.base_quant:
         nf4.require()
-        if "fsdp" in str(cfg.trainer.get("strategy")).lower():
+        if uses_fsdp(cfg.trainer):
             raise UserFacingError("lora.base_quant=nf4 with trainer=fsdp: FSDP would flatten the 4-bit codes "
                                   "together with the adapters; use trainer=gpu or trainer=ddp")
     frozen_dtype = precision.frozen_dtype(lora.base_quant is not None)
