@@ -242,16 +242,17 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
 def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, num_beams: int = 1,
              repetition_penalty: float = 1.0, stop: str | Sequence[str] | None = (), seed: int | None = None,
-             min_new_tokens: int = 0, compile: bool = False) -> str | list[str]:
+             min_new_tokens: int = 0, compile: bool = False, max_prompt_tokens: int | None = None) -> str | list[str]:
     """Continue already-templated prompts; a single string in gives a single string out.
     The options are checked by ``SamplingOptions``; ``compile`` decodes with a compiled
-    static-shape step (beam search stays eager)."""
+    static-shape step (beam search stays eager); a prompt longer than ``max_prompt_tokens`` keeps
+    its last ones (as evaluation harnesses cut contexts)."""
     options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               num_beams=num_beams, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
                               min_new_tokens=min_new_tokens)
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    prompt_ids = [tokenizer.encode(p, bos=True) for p in batch]
+    prompt_ids = [tokenizer.encode(p, bos=True)[-(max_prompt_tokens or 0):] for p in batch]
     was_training = model.training
     model.eval()
     try:

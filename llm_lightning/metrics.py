@@ -1,7 +1,8 @@
-"""What fine-tuning changed, measured: response perplexity and ROUGE-L.
+"""What fine-tuning changed, measured: response perplexity, ROUGE-L and BLEU.
 
 Perplexity is exp(total NLL / total supervised tokens) over the responses, masked exactly as in
-training; ROUGE-L (torchmetrics) compares answers with the reference outputs.
+training. ROUGE-L (F-measure, 0-1) and corpus BLEU (0-100, sacreBLEU's definition and its "13a"
+tokenizer, as torchmetrics implements them) compare answers with the reference outputs.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torchmetrics.text import SacreBLEUScore
 from torchmetrics.text.rouge import ROUGEScore
 
 from llm_lightning.data.batching import collate
@@ -30,3 +32,8 @@ def perplexity(model: LLaMA, examples: list[Example], *, pad_id: int, batch_size
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     return float(ROUGEScore(rouge_keys=("rougeL",))(predictions, references)["rougeL_fmeasure"])
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU of the answers against one reference each, on sacreBLEU's 0-100 scale."""
+    return 100.0 * float(SacreBLEUScore(tokenize="13a")(predictions, [[r] for r in references]))

@@ -254,6 +254,10 @@ class LLaMA(nn.Module):
         """
         x = self.hidden_states(input_ids, start_pos=start_pos, positions=positions,
                                key_padding_mask=key_padding_mask, document_ids=document_ids)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection of ``hidden_states``: scorers apply it to the few positions they read."""
         if self.output is None:
-            return linear(x, self.tok_embeddings.weight)
-        return self.output(x)
+            return linear(hidden, self.tok_embeddings.weight)
+        return self.output(hidden)

@@ -264,9 +264,14 @@ class EvaluateDataOverrides:
         _require_at_least_one(**{"data.max_seq_length": self.max_seq_length, "data.limit": self.limit})
 
 
+Task = Enum("Task", {"mmlu": "mmlu"})
+Harness = Enum("Harness", {name: name for name in ("auto", "builtin", "lm_eval")})
+
+
 @dataclass
 class EvaluateSettings(AdapterSettings):
-    """``evaluate.py``: which adapter, which examples, how long the answers."""
+    """``evaluate.py``: which model (the base, with the adapter of ``ckpt_path`` if given), which
+    examples or benchmark, and through which harness."""
 
     data: EvaluateDataOverrides = field(default_factory=EvaluateDataOverrides)
     split: Split = Split.val
@@ -274,11 +279,25 @@ class EvaluateSettings(AdapterSettings):
     max_new_tokens: int = 128
     batch_size: int = 8
     output: str = "eval.json"
+    task: Optional[Task] = None  # mmlu: MMLU from the CSV folder data.path
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (lm-eval fetches their data)
+    harness: Harness = Harness.auto  # auto: lm-eval when installed, else the builtin scorer (MMLU)
+    subjects: Optional[list[str]] = None  # MMLU subjects (null: all 57)
+    limit: Optional[int] = None  # questions per MMLU subject / per lm-eval task
+    num_fewshot: Optional[int] = None  # null: 5 for MMLU, each lm-eval task's own default
+    logger: Any = None  # a logger config (logger=wandb): the results table is logged there too
 
     def __post_init__(self) -> None:
-        _require_checkpoint("evaluate", self.ckpt_path)
+        if self.task is None and not self.tasks:
+            _require_checkpoint("evaluate", self.ckpt_path)
+        if self.tasks and self.harness == Harness.builtin:
+            raise SettingError(f"tasks={list(self.tasks)} are lm-eval tasks; they need harness=lm_eval (or auto)")
+        if self.task == Task.mmlu and not self.data.path:
+            raise SettingError("task=mmlu needs data.path=FOLDER (MMLU's dev/ and val/ or test/ CSV folders)")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise SettingError(f"num_fewshot={self.num_fewshot}: expected an integer >= 0")
         _require_at_least_one(max_examples=self.max_examples, max_new_tokens=self.max_new_tokens,
-                              batch_size=self.batch_size)
+                              batch_size=self.batch_size, limit=self.limit)
 
 
 @dataclass

@@ -59,8 +59,11 @@ def test_evaluate_cli_compares_base_and_fine_tuned(tmp_path, tiny_tokenizer_dir)
                        f"output={output}")
     results = json.loads(output.read_text())
     assert 0 < results["examples"] <= 6 and f"{results['examples']} examples from" in printed.stdout
-    assert results["base"]["perplexity"] != results["fine_tuned"]["perplexity"]
-    assert all(0.0 <= results[k]["rougeL"] <= 1.0 for k in ("base", "fine_tuned"))
+    assert results["base"]["perplexity"] != results["perplexity"]
+    for scores in (results, results["base"]):
+        assert 0.0 <= scores["rouge_l"] <= 1.0 and 0.0 <= scores["bleu"] <= 100.0
+    assert "| model | perplexity | ROUGE-L | BLEU |" in printed.stdout
+    assert printed.stdout.strip().splitlines()[-1] == f"results: {output}"
     run_tool("evaluate", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"model.source={base}",
              "split=all", "max_examples=3", "max_new_tokens=4", f"output={output}")
     whole = json.loads(output.read_text())

@@ -190,7 +190,7 @@ def test_evaluate_and_generate_put_the_adapter_back_on_its_nf4_base(trained, tmp
     output = tmp_path / "eval.json"
     run_tool("evaluate", f"ckpt_path={run}", f"model.source={base}", "max_new_tokens=2", f"output={output}")
     # the held-out loss training measured last, reproduced: the same NF4 codes under the same adapter
-    tuned = json.loads(output.read_text())["fine_tuned"]["perplexity"]
+    tuned = json.loads(output.read_text())["perplexity"]
     assert math.log(tuned) == pytest.approx(summary(run)["val_loss_end"], rel=1e-5)
     printed = run_tool("generate", f"ckpt_path={run}", f"model.source={base}", "prompt=Hi", "max_new_tokens=4")
     assert printed.stdout.strip()

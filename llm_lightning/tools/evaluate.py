@@ -1,18 +1,18 @@
 """``python evaluate.py ckpt_path=<.ckpt | run dir | last> [data.path=FILE] [split=val|all] [max_examples=N]``
 
-Response perplexity and ROUGE-L of greedy answers (``metrics.py``), base model against fine-tuned:
-the base numbers come from the same model with its adapter switched off. By default the data
-settings saved in the checkpoint reproduce the run's validation split. A ``stage=dpo`` or
-``stage=rm`` checkpoint is ranked on preference pairs instead (``evaluate_preferences.py``). The
-results go to ``output`` as JSON, and the last line printed is ``results: <output>``.
+Response perplexity, and ROUGE-L and BLEU of greedy answers (``metrics.py``), base model against
+fine-tuned: the base numbers come from the same model with its adapter switched off. By default the
+data settings saved in the checkpoint reproduce the run's validation split. A ``stage=dpo`` or
+``stage=rm`` checkpoint is ranked on preference pairs instead (``evaluate_preferences.py``), and
+``task=mmlu`` or ``tasks=[...]`` run benchmarks (``evaluate_benchmarks.py``). Every run reports
+through ``eval_report.report``: JSON whose top-level numbers are the tuned model's (``base`` holds
+the base's), a markdown table, the logger if set, and ``results: <output>`` as the last line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -23,13 +23,17 @@ from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_base_model
 from llm_lightning.lora import lora_disabled
-from llm_lightning.metrics import perplexity, rouge_l
+from llm_lightning.metrics import bleu, perplexity, rouge_l
 from llm_lightning.settings import EvaluateSettings, to_settings
+from llm_lightning.tools.eval_report import Table, report
+from llm_lightning.tools.evaluate_benchmarks import evaluate_benchmarks
 from llm_lightning.tools.evaluate_preferences import evaluate_preferences
 
 
 def evaluate(cfg: DictConfig) -> dict:
     settings: EvaluateSettings = to_settings(cfg)
+    if settings.task is not None or settings.tasks:
+        return evaluate_benchmarks(settings)
     path = resolve_checkpoint(settings.ckpt_path, name=settings.name)
     stage = checkpoint_stage(path)
     if stage != "sft":
@@ -57,26 +61,21 @@ def evaluate(cfg: DictConfig) -> dict:
     references = [r.reference for r in records]
     answer = functools.partial(generate, model, tokenizer, max_new_tokens=settings.max_new_tokens)
 
-    results: dict = {"checkpoint": str(path), "data": datamodule.source, "split": split, "examples": len(examples)}
+    scores = {}
     for name, context in (("base", lora_disabled(model)), ("fine_tuned", contextlib.nullcontext())):
         with context:
             predictions = []
             for start in range(0, len(prompts), settings.batch_size):
                 predictions += answer(prompts[start:start + settings.batch_size])
-            results[name] = {
+            scores[name] = {
                 "perplexity": perplexity(model, examples, pad_id=tokenizer.pad_id, batch_size=settings.batch_size),
-                "rougeL": rouge_l(predictions, references),
+                "rouge_l": rouge_l(predictions, references),
+                "bleu": bleu(predictions, references),
                 "sample": {"prompt": records[0].title, "answer": predictions[0], "reference": references[0]},
             }
-    print(format_table(results))
-    Path(settings.output).write_text(json.dumps(results, indent=2))
-    print(f"results: {settings.output}")
-    return results
-
-
-def format_table(results: dict) -> str:
-    rows = [f"{results['examples']} examples from {results['data']} ({results['split']})",
-            f"{'':<12}{'perplexity':>12}{'ROUGE-L':>10}"]
-    for name in ("base", "fine_tuned"):
-        rows.append(f"{name:<12}{results[name]['perplexity']:>12.3f}{results[name]['rougeL']:>10.4f}")
-    return "\n".join(rows)
+    results = {"checkpoint": str(path), "data": datamodule.source, "split": split, "examples": len(examples),
+               **scores["fine_tuned"], "base": scores["base"]}
+    table = Table(f"{len(examples)} examples from {datamodule.source} ({split})",
+                  ["model", "perplexity", "ROUGE-L", "BLEU"],
+                  [[name, s["perplexity"], s["rouge_l"], s["bleu"]] for name, s in scores.items()])
+    return report(results, table, settings.output, settings.logger)

@@ -14,7 +14,6 @@ zero-shot ranking a reward has to beat. By default the pairs are the run's own h
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from llm_lightning.lora import lora_disabled, lora_state_dict, load_lora_state_d
 from llm_lightning.preference_loss import pairwise_accuracy
 from llm_lightning.reward_model import score_sequences
 from llm_lightning.settings import EvaluateSettings
+from llm_lightning.tools.eval_report import Table, report
 
 
 def ranking(chosen: list[float], rejected: list[float]) -> dict[str, float]:
@@ -94,11 +94,11 @@ def evaluate_preferences(settings: EvaluateSettings, path: Path, stage: str) -> 
 
     results = {**tuned, "pairs": len(pairs), "stage": stage, "checkpoint": str(path), "data": source,
                "split": settings.split.value, "base": untuned, "tuned": tuned}
-    print(format_table(results))
-    output = Path(settings.output)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"results: {output}")
-    return results
+    table = Table(f"{len(pairs)} preference pairs from {source} ({settings.split.value}), stage={stage}",
+                  ["model", "reward accuracy", "reward margin", "likelihood accuracy"],
+                  [[name, row["reward_accuracy"], row["reward_margin"], row.get("likelihood_accuracy", "")]
+                   for name, row in (("base", untuned), ("tuned", tuned))])
+    return report(results, table, settings.output, settings.logger)
 
 
 def reference_adapter_log_probs(model, tokenizer, reference: str, pairs, settings: EvaluateSettings):
@@ -115,14 +115,3 @@ def reference_adapter_log_probs(model, tokenizer, reference: str, pairs, setting
     finally:
         load_lora_state_dict(model, policy)
 
-
-def format_table(results: dict) -> str:
-    rows = [f"{results['pairs']} preference pairs from {results['data']} ({results['split']}), "
-            f"stage={results['stage']}",
-            f"{'':<8}{'reward accuracy':>17}{'reward margin':>15}{'likelihood accuracy':>21}"]
-    for name in ("base", "tuned"):
-        row = results[name]
-        likelihood = row.get("likelihood_accuracy")
-        rows.append(f"{name:<8}{row['reward_accuracy']:>17.3f}{row['reward_margin']:>15.4f}"
-                    f"{'' if likelihood is None else format(likelihood, '.3f'):>21}")
-    return "\n".join(rows)

@@ -1,0 +1,122 @@
+"""The ``llm_lightning`` backend of EleutherAI's lm-evaluation-harness (``harness.py`` runs it).
+
+``LLMLightningLM`` is an lm-eval ``TemplateLM``. lm-eval turns every task into requests. The
+backend answers them with this project's loader (any checkpoint format, an adapter from
+``ckpt_path``, NF4 bases included), with ``loglikelihood.continuation_logprobs`` (shared
+prefixes run once) and with ``generation.generate`` (stop strings). It tokenizes as lm-eval's
+``hf`` backend does: the tokenizer's own BOS rule, the context's trailing spaces moved into the
+continuation, and a BOS (else EOS) token standing in for an empty context. So the two give the same
+log-likelihoods on the same weights. Importing this module registers the backend; it needs lm-eval.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (lm-eval's own backends, registered before ours: see registry.get_model)
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from llm_lightning.adapter import load_adapter
+from llm_lightning.checkpoint_paths import resolve_checkpoint
+from llm_lightning.generation import generate
+from llm_lightning.loading import load_pretrained
+from llm_lightning.loglikelihood import continuation_logprobs
+from llm_lightning.model import LLaMA
+from llm_lightning.tokenizer import Tokenizer
+
+
+@register_model("llm_lightning")
+class LLMLightningLM(TemplateLM):
+    """lm-eval requests answered by one of our models (a loaded one, or one named by ``source``)."""
+
+    def __init__(self, model: LLaMA | None = None, tokenizer: Tokenizer | None = None, *,
+                 source: str | None = None, ckpt_path: str | None = None, dtype: str = "float32",
+                 device: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
+                 max_gen_toks: int = 256, **_lm_eval_options: Any) -> None:
+        super().__init__()
+        if model is None:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model, tokenizer = load_pretrained(source, dtype=getattr(torch, dtype), device=device)
+            if ckpt_path:
+                load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)))
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self._batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed 8
+        self._max_length = int(max_length or model.config.max_seq_len)
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        """The tokenizer's own BOS rule unless told otherwise, as transformers applies it."""
+        return self.tokenizer.encode(string, bos=True if add_special_tokens is None else add_special_tokens)
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        results = continuation_logprobs(self.model, pairs, batch_size=self._batch_size, max_length=self.max_length)
+        for request, result in zip(requests, results):
+            if request[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", request[0], result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood, in disjoint windows of ``max_length`` tokens, each predicting
+        its own tokens from the window before it (lm-eval's definition)."""
+        windows, owners = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            tokens = self.tok_encode(text)
+            for window in get_rolling_token_windows(token_list=tokens, prefix_token=self.prefix_token_id,
+                                                    max_seq_len=self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(index)
+        scores = continuation_logprobs(self.model, windows, batch_size=self._batch_size, max_length=self.max_length)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, scores):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with ``do_sample``) continuations cut at the first stop string; the
+        EOS token ends them too. Requests with the same settings run as one batch; a context that
+        leaves no room for ``max_gen_toks`` keeps its last tokens, as the ``hf`` backend cuts it."""
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            _, kwargs = request.args
+            groups.setdefault(self._generation_settings(kwargs), []).append(index)
+        for (stop, max_new_tokens, temperature), indices in groups.items():
+            for start in range(0, len(indices), self._batch_size):
+                chunk = indices[start:start + self._batch_size]
+                texts = generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
+                                 max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop),
+                                 max_prompt_tokens=self.max_length - max_new_tokens)
+                for i, text in zip(chunk, texts):
+                    answers[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return answers
+
+    def _generation_settings(self, kwargs: dict) -> tuple[tuple[str, ...], int, float]:
+        until = kwargs.get("until") or []
+        stop = (until,) if isinstance(until, str) else tuple(until)
+        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+        max_new_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        if max_new_tokens >= self.max_length:
+            raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}")
+        return stop, max_new_tokens, temperature

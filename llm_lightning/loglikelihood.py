@@ -1,0 +1,152 @@
+"""Log-likelihoods of continuations given contexts: the scorer behind MMLU and the lm-eval backend.
+
+Benchmark requests repeat themselves. The four choices of a question share their whole context,
+and every question of an MMLU subject opens with the same five exemplars (hundreds to thousands
+of tokens). So rows are deduplicated (one forward per distinct input sequence, however many
+targets read it), grouped by the prefix they share and batched by length within a group. A batch whose rows
+share a long enough prefix runs it once, at batch size 1, into a KV cache. The prefix is kept
+while the following batches still start with it, and the rows' own tokens then attend to it.
+The head and log-softmax run only at the positions that predict a continuation token.
+
+Rows are right-padded, so causal attention alone keeps padding out of every real position.
+Over-long rows keep their last ``max_length`` inputs, as lm-eval's ``hf`` backend does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from llm_lightning.model import LLaMA
+from llm_lightning.tokenizer import Tokenizer
+
+MIN_SHARED_PREFIX = 32  # below this, a second forward costs more than the prefix it would save
+
+
+@dataclass
+class _Prefix:
+    tokens: tuple[int, ...]
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, len, head_dim]
+    values: list[torch.Tensor]
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval splits them: the context's trailing spaces join the
+    continuation, and the continuation is what encoding both adds to encoding the context alone, so
+    a token spanning the boundary (" A" after "Answer:") is tokenized as it is in the whole text."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    return head, whole[len(head):]
+
+
+@torch.no_grad()
+def continuation_logprobs(model: LLaMA, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                          batch_size: int = 8, max_length: int | None = None,
+                          min_shared_prefix: int = MIN_SHARED_PREFIX) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
+    (context ids, continuation ids) request; every context holds at least one token."""
+    max_length = max_length or model.config.max_seq_len
+    rows: dict[tuple[int, ...], int] = {}
+    reads = []  # per request: (row index, continuation)
+    for context, continuation in requests:
+        if not context or not continuation:
+            raise ValueError("every request needs at least one context and one continuation token")
+        tokens = (list(context) + list(continuation))[-(max_length + 1):]
+        inputs = tuple(tokens[:-1])
+        reads.append((rows.setdefault(inputs, len(rows)), tuple(continuation)))
+    row_logprobs: dict[int, torch.Tensor] = {}  # row -> log-softmax at each continuation position
+    wanted: dict[int, int] = {}  # row -> how many final positions its continuations read
+    for row, continuation in reads:
+        wanted[row] = max(wanted.get(row, 0), len(continuation))
+    kept: _Prefix | None = None
+    try:
+        for batch in _batches(list(rows), batch_size, min_shared_prefix):
+            reads_per_row = [wanted[rows[inputs]] for inputs in batch]
+            shared, kept = _shared_prefix(model, batch, reads_per_row, kept, min_shared_prefix)
+            for inputs, logprobs in zip(batch, _batch_logprobs(model, batch, shared, reads_per_row)):
+                row_logprobs[rows[inputs]] = logprobs
+    finally:
+        model.clear_kv_cache()
+    results = []
+    for row, continuation in reads:
+        logprobs = row_logprobs[row][-len(continuation):]
+        targets = torch.tensor(continuation)
+        chosen = logprobs.gather(-1, targets[:, None]).sum().item()
+        results.append((chosen, bool((logprobs.argmax(-1) == targets).all())))
+    return results
+
+
+def _batches(rows: list[tuple[int, ...]], batch_size: int, min_shared_prefix: int) -> list[list[tuple[int, ...]]]:
+    """Rows sorted so that shared prefixes are neighbours, cut into groups whose neighbours share at
+    least ``min_shared_prefix`` tokens (so that every row of a group shares them), then batched
+    within each group by length: no batch mixes two prefixes, and little of a batch is padding."""
+    ordered = sorted(rows)
+    groups, start = [], 0
+    for end in range(1, len(ordered) + 1):
+        if end == len(ordered) or _common_prefix_length([ordered[end - 1], ordered[end]]) < min_shared_prefix:
+            groups.append(sorted(ordered[start:end], key=len))
+            start = end
+    return [group[i:i + batch_size] for group in groups for i in range(0, len(group), batch_size)]
+
+
+def _common_prefix_length(rows: list[tuple[int, ...]]) -> int:
+    shortest = min(len(row) for row in rows)
+    length = 0
+    while length < shortest and all(row[length] == rows[0][length] for row in rows):
+        length += 1
+    return length
+
+
+def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: list[int], kept: _Prefix | None,
+                   min_shared_prefix: int) -> tuple[_Prefix | None, _Prefix | None]:
+    """(the prefix this batch runs once, the prefix kept for the next batches).
+
+    The batch's prefix stops before the first position a row reads. The kept prefix serves, cut
+    to what the batch shares with it, unless running the batch's own longer prefix once costs less
+    than every row running the difference; the key and value of a position depend only on the
+    tokens up to it, so a cut prefix is exact, and the whole one stays kept.
+    """
+    limit = min(_common_prefix_length(batch), min(len(row) - n for row, n in zip(batch, reads_per_row)))
+    if kept is not None:
+        common = _common_prefix_length([kept.tokens[:limit], batch[0][:limit]])
+        if common >= min_shared_prefix and (limit - common) * len(batch) <= limit:
+            cut = _Prefix(kept.tokens[:common], [k[:, :, :common] for k in kept.keys],
+                          [v[:, :, :common] for v in kept.values])
+            return cut, kept
+    if limit < min_shared_prefix:
+        return None, kept
+    tokens = batch[0][:limit]
+    weight = model.tok_embeddings.weight
+    model.setup_kv_cache(1, limit, dtype=weight.dtype, device=weight.device)
+    model.hidden_states(torch.tensor([tokens], device=weight.device))
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    fresh = _Prefix(tokens, [c.k.clone() for c in caches], [c.v.clone() for c in caches])
+    return fresh, fresh
+
+
+def _batch_logprobs(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix | None,
+                    wanted: list[int]) -> list[torch.Tensor]:
+    """Log-softmax over the vocabulary at the last ``wanted[i]`` input positions of each row."""
+    device = model.tok_embeddings.weight.device
+    shared = len(prefix.tokens) if prefix else 0
+    own = [row[shared:] for row in batch]
+    width = max(len(tokens) for tokens in own)
+    ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
+    for i, tokens in enumerate(own):
+        ids[i, :len(tokens)] = torch.tensor(tokens)
+    if prefix:
+        model.setup_kv_cache(len(batch), shared + width, dtype=prefix.keys[0].dtype, device=device)
+        for layer, keys, values in zip(model.layers, prefix.keys, prefix.values):
+            layer.attention.kv_cache.k[:, :, :shared] = keys
+            layer.attention.kv_cache.v[:, :, :shared] = values
+    else:
+        model.clear_kv_cache()
+    hidden = model.hidden_states(ids, start_pos=shared)
+    rows = torch.cat([torch.full((n,), i) for i, n in enumerate(wanted)])
+    positions = torch.cat([torch.arange(len(tokens) - n, len(tokens)) for tokens, n in zip(own, wanted)])
+    logprobs = model.logits(hidden[rows, positions]).float().log_softmax(-1).cpu()
+    return list(logprobs.split(wanted))
