@@ -146,7 +146,8 @@ def test_evaluate_cli_puts_base_and_tuned_side_by_side(tmp_path, tiny_tokenizer_
               "optimizer.lr=3e-2", "scheduler.warmup_steps=0", run_dir=tmp_path / "run")
     output = tmp_path / "mmlu.json"
     printed = run_tool("evaluate", "task=mmlu", f"data.path={folder}", f"ckpt_path={tmp_path / 'run'}",
-                       f"model.source={base}", "num_fewshot=2", "harness=builtin", f"output={output}")
+                       f"model.source={base}", "num_fewshot=2", "harness=builtin", f"output={output}",
+                       "logger=wandb", f"logger.save_dir={tmp_path}")  # offline: no wandb login here
     results = json.loads(output.read_text())
     assert results["questions"] == 4 and results["shots"] == 2 and results["harness"] == "builtin"
     assert set(results["per_subject"]) == {"anatomy", "philosophy"}
@@ -155,3 +156,8 @@ def test_evaluate_cli_puts_base_and_tuned_side_by_side(tmp_path, tiny_tokenizer_
     assert "| benchmark | group | questions | base | fine_tuned |" in printed.stdout
     assert "questions/s" in printed.stdout
     assert printed.stdout.strip().splitlines()[-1] == f"results: {output}"
+    tables = list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/results_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["benchmark", "group", "questions", "base", "fine_tuned"]
+    assert table["data"][0][:3] == ["MMLU accuracy", "all", 4] and table["data"][0][4] == results["accuracy"]

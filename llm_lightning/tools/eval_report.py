@@ -17,13 +17,15 @@ from llm_lightning.tools.train import build_logger
 
 @dataclass
 class Table:
+    """A column holds one type, or None where a row has no value (wandb checks the types)."""
+
     title: str
     columns: list[str]
     rows: list[list[Any]]
 
     def markdown(self) -> str:
         def cell(value: Any) -> str:
-            return f"{value:.4f}" if isinstance(value, float) else str(value)
+            return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
         lines = [self.title, "", "| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
         lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
@@ -41,5 +43,8 @@ def report(results: dict, table: Table, output: str | Path, logger_cfg: DictConf
         if hasattr(logger, "log_table"):  # wandb
             logger.log_table(key="eval/results", columns=table.columns, data=table.rows)
         logger.finalize("success")
+        finish = getattr(logger.experiment, "finish", None)  # wandb's closing lines come before ours
+        if callable(finish):
+            finish()
     print(f"results: {path}")
     return results

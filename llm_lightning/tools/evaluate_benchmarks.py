@@ -131,10 +131,10 @@ def results_table(scores: dict[str, dict], settings: EvaluateSettings) -> Table:
         rows.append(["MMLU accuracy", "all", first["questions"], *(scores[n]["accuracy"] for n in names)])
         for category in CATEGORY_SUBJECTS:
             if category in first["per_category"]:
-                rows.append(["MMLU accuracy", category, "", *(scores[n]["per_category"][category] for n in names)])
+                rows.append(["MMLU accuracy", category, None, *(scores[n]["per_category"][category] for n in names)])
     for task, metrics in first.get("lm_eval", {}).items():
         for metric in metrics:
             if "stderr" not in metric and metric not in ("sample_len",):
-                rows.append([task, metric, "", *(scores[n]["lm_eval"][task][metric] for n in names)])
+                rows.append([task, metric, None, *(scores[n]["lm_eval"][task][metric] for n in names)])
     title = f"{settings.model.source or settings.model.preset}" + (f" + {settings.ckpt_path}" if len(names) > 1 else "")
     return Table(title, ["benchmark", "group", "questions", *names], rows)

@@ -96,7 +96,7 @@ def evaluate_preferences(settings: EvaluateSettings, path: Path, stage: str) -> 
                "split": settings.split.value, "base": untuned, "tuned": tuned}
     table = Table(f"{len(pairs)} preference pairs from {source} ({settings.split.value}), stage={stage}",
                   ["model", "reward accuracy", "reward margin", "likelihood accuracy"],
-                  [[name, row["reward_accuracy"], row["reward_margin"], row.get("likelihood_accuracy", "")]
+                  [[name, row["reward_accuracy"], row["reward_margin"], row.get("likelihood_accuracy")]
                    for name, row in (("base", untuned), ("tuned", tuned))])
     return report(results, table, settings.output, settings.logger)
 
