@@ -23,6 +23,7 @@ from llm_lightning.model import LLaMA
 from llm_lightning.tokenizer import Tokenizer
 
 MIN_SHARED_PREFIX = 32  # below this, a second forward costs more than the prefix it would save
+HEAD_CHUNK = 512  # positions whose vocabulary-wide logits exist at once (about 100 MB for 49k tokens)
 
 
 @dataclass
@@ -50,33 +51,23 @@ def continuation_logprobs(model: LLaMA, requests: Sequence[tuple[Sequence[int], 
     """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
     (context ids, continuation ids) request; every context holds at least one token."""
     max_length = max_length or model.config.max_seq_len
-    rows: dict[tuple[int, ...], int] = {}
-    reads = []  # per request: (row index, continuation)
-    for context, continuation in requests:
+    rows: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}  # inputs -> (request, continuation)s
+    for index, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise ValueError("every request needs at least one context and one continuation token")
         tokens = (list(context) + list(continuation))[-(max_length + 1):]
-        inputs = tuple(tokens[:-1])
-        reads.append((rows.setdefault(inputs, len(rows)), tuple(continuation)))
-    row_logprobs: dict[int, torch.Tensor] = {}  # row -> log-softmax at each continuation position
-    wanted: dict[int, int] = {}  # row -> how many final positions its continuations read
-    for row, continuation in reads:
-        wanted[row] = max(wanted.get(row, 0), len(continuation))
+        rows.setdefault(tuple(tokens[:-1]), []).append((index, tuple(continuation)))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     kept: _Prefix | None = None
     try:
         for batch in _batches(list(rows), batch_size, min_shared_prefix):
-            reads_per_row = [wanted[rows[inputs]] for inputs in batch]
-            shared, kept = _shared_prefix(model, batch, reads_per_row, kept, min_shared_prefix)
-            for inputs, logprobs in zip(batch, _batch_logprobs(model, batch, shared, reads_per_row)):
-                row_logprobs[rows[inputs]] = logprobs
+            reads = [rows[inputs] for inputs in batch]
+            longest_read = [max(len(continuation) for _, continuation in row_reads) for row_reads in reads]
+            shared, kept = _shared_prefix(model, batch, longest_read, kept, min_shared_prefix)
+            for index, score in _score_batch(model, batch, shared, reads):
+                results[index] = score
     finally:
         model.clear_kv_cache()
-    results = []
-    for row, continuation in reads:
-        logprobs = row_logprobs[row][-len(continuation):]
-        targets = torch.tensor(continuation)
-        chosen = logprobs.gather(-1, targets[:, None]).sum().item()
-        results.append((chosen, bool((logprobs.argmax(-1) == targets).all())))
     return results
 
 
@@ -128,9 +119,11 @@ def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: li
     return fresh, fresh
 
 
-def _batch_logprobs(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix | None,
-                    wanted: list[int]) -> list[torch.Tensor]:
-    """Log-softmax over the vocabulary at the last ``wanted[i]`` input positions of each row."""
+def _score_batch(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix | None,
+                 reads: list[list[tuple[int, tuple[int, ...]]]]) -> list[tuple[int, tuple[float, bool]]]:
+    """(request, score) for every read of the batch's rows. Each read's continuation sits in the
+    last positions of its row; the head runs on those positions only, HEAD_CHUNK at a time, so
+    the vocabulary-wide logits never exist for a whole batch at once."""
     device = model.tok_embeddings.weight.device
     shared = len(prefix.tokens) if prefix else 0
     own = [row[shared:] for row in batch]
@@ -146,7 +139,30 @@ def _batch_logprobs(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix 
     else:
         model.clear_kv_cache()
     hidden = model.hidden_states(ids, start_pos=shared)
-    rows = torch.cat([torch.full((n,), i) for i, n in enumerate(wanted)])
-    positions = torch.cat([torch.arange(len(tokens) - n, len(tokens)) for tokens, n in zip(own, wanted)])
-    logprobs = model.logits(hidden[rows, positions]).float().log_softmax(-1).cpu()
-    return list(logprobs.split(wanted))
+
+    read_rows, read_positions, pair_position, pair_token, pair_owner = [], [], [], [], []
+    for i, (tokens, row_reads) in enumerate(zip(own, reads)):
+        longest = max(len(continuation) for _, continuation in row_reads)
+        first = len(read_positions)
+        read_rows += [i] * longest
+        read_positions += range(len(tokens) - longest, len(tokens))
+        for owner, (_, continuation) in enumerate(row_reads):
+            pair_position += range(first + longest - len(continuation), first + longest)
+            pair_token += continuation
+            pair_owner += [(i, owner)] * len(continuation)
+    picked = hidden[torch.tensor(read_rows), torch.tensor(read_positions)]
+    positions, tokens = torch.tensor(pair_position), torch.tensor(pair_token)
+    target_logit, log_norm, greedy = torch.empty(len(positions)), torch.empty(len(picked)), torch.empty(len(picked), dtype=torch.long)
+    for start in range(0, len(picked), HEAD_CHUNK):
+        logits = model.logits(picked[start:start + HEAD_CHUNK]).float().cpu()
+        log_norm[start:start + HEAD_CHUNK] = logits.logsumexp(-1)
+        greedy[start:start + HEAD_CHUNK] = logits.argmax(-1)
+        inside = (positions >= start) & (positions < start + HEAD_CHUNK)
+        target_logit[inside] = logits[positions[inside] - start, tokens[inside]]
+    logprobs = (target_logit - log_norm[positions]).tolist()
+    hits = (greedy[positions] == tokens).tolist()
+    scores: dict[tuple[int, int], tuple[float, bool]] = {}
+    for key, logprob, hit in zip(pair_owner, logprobs, hits):
+        total, all_hit = scores.get(key, (0.0, True))
+        scores[key] = (total + logprob, all_hit and hit)
+    return [(reads[i][owner][0], score) for (i, owner), score in scores.items()]

@@ -34,6 +34,7 @@ def model_and_requests():
     for question in range(3):  # rows sharing more than the kept prefix: it serves them cut
         requests.append((longer + [question], [9]))
     requests.append(([3], [4, 5, 6]))  # a one-token context, nothing shared
+    requests.append(([3, 4], [5, 6]))  # the same inputs as the request above, split elsewhere
     # The model's own greedy continuation, so that is_greedy is true at least once.
     with torch.no_grad():
         greedy = model(torch.tensor([shots]))[0, -1].argmax().item()
@@ -41,9 +42,11 @@ def model_and_requests():
     return model, requests
 
 
-@pytest.mark.parametrize("batch_size, min_shared_prefix", [(1, 10_000), (4, 8), (64, 1)])
-def test_scores_equal_one_full_forward_per_request(model_and_requests, batch_size, min_shared_prefix):
+@pytest.mark.parametrize("batch_size, min_shared_prefix, head_chunk", [(1, 10_000, 512), (4, 8, 3), (64, 1, 512)])
+def test_scores_equal_one_full_forward_per_request(model_and_requests, batch_size, min_shared_prefix, head_chunk,
+                                                   monkeypatch):
     model, requests = model_and_requests
+    monkeypatch.setattr("llm_lightning.loglikelihood.HEAD_CHUNK", head_chunk)  # chunks that split rows
     expected = [one_by_one(model, c, t, model.config.max_seq_len) for c, t in requests]
     scored = continuation_logprobs(model, requests, batch_size=batch_size, min_shared_prefix=min_shared_prefix)
     assert [g for _, g in scored] == [g for _, g in expected] and any(g for _, g in scored)
