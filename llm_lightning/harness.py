@@ -23,13 +23,15 @@ EVAL_EXTRA = 'pip install -e ".[eval]"'
 
 
 def lm_eval_backend() -> ModuleType:
-    """``lm_eval_backend``, imported (registering the backend), or one line saying how to install lm-eval."""
+    """``lm_eval_backend``, imported (registering the backend), or one line saying how to install lm-eval
+    (when it is missing, or a version without the API the backend uses)."""
     try:
         return importlib.import_module("llm_lightning.lm_eval_backend")
     except ImportError as missing:
         if "lm_eval" not in str(missing):
             raise
-        raise UserFacingError(f"lm-evaluation-harness is not installed ({missing}); run `{EVAL_EXTRA}`") from None
+        raise UserFacingError(f"lm-evaluation-harness could not be imported ({missing}); `{EVAL_EXTRA}` "
+                              "installs a supported version") from None
 
 
 @exit_on_user_error

@@ -6,7 +6,8 @@ backend answers them with this project's loader (any checkpoint format, an adapt
 prefixes run once) and with ``generation.generate`` (stop strings). It tokenizes as lm-eval's
 ``hf`` backend does: the tokenizer's own BOS rule, the context's trailing spaces moved into the
 continuation, and a BOS (else EOS) token standing in for an empty context. So the two give the same
-log-likelihoods on the same weights. Importing this module registers the backend; it needs lm-eval.
+log-likelihoods on the same fp32 weights (in bf16, hf's log-softmax is rounded to bf16 and ours is
+not, so the two differ by about 1e-2). Importing this module registers the backend; it needs lm-eval.
 """
 
 from __future__ import annotations
@@ -21,11 +22,22 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llm_lightning.adapter import load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
+from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_pretrained
 from llm_lightning.loglikelihood import continuation_logprobs
 from llm_lightning.model import LLaMA
 from llm_lightning.tokenizer import Tokenizer
+
+
+DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """The dtype the weights load in; ``auto`` (what lm-eval users pass for ``hf``) is float32."""
+    if name not in DTYPES:
+        raise UserFacingError(f"dtype={name}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @register_model("llm_lightning")
@@ -39,7 +51,7 @@ class LLMLightningLM(TemplateLM):
         super().__init__()
         if model is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model, tokenizer = load_pretrained(source, dtype=getattr(torch, dtype), device=device)
+            model, tokenizer = load_pretrained(source, dtype=model_dtype(dtype), device=device)
             if ckpt_path:
                 load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -101,22 +113,28 @@ class LLMLightningLM(TemplateLM):
         for index, request in enumerate(requests):
             _, kwargs = request.args
             groups.setdefault(self._generation_settings(kwargs), []).append(index)
-        for (stop, max_new_tokens, temperature), indices in groups.items():
+        for (stop, max_new_tokens, temperature, top_k, top_p), indices in groups.items():
             for start in range(0, len(indices), self._batch_size):
                 chunk = indices[start:start + self._batch_size]
                 texts = generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
-                                 max_new_tokens=max_new_tokens, temperature=temperature, stop=list(stop),
-                                 max_prompt_tokens=self.max_length - max_new_tokens)
+                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 stop=list(stop), max_prompt_tokens=self.max_length - max_new_tokens)
                 for i, text in zip(chunk, texts):
                     answers[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return answers
 
-    def _generation_settings(self, kwargs: dict) -> tuple[tuple[str, ...], int, float]:
+    def _generation_settings(self, kwargs: dict) -> tuple[tuple[str, ...], int, float, int | None, float]:
+        """(stop strings, max new tokens, temperature, top_k, top_p) of a task's ``gen_kwargs``;
+        without ``do_sample`` decoding is greedy, as in the ``hf`` backend."""
         until = kwargs.get("until") or []
         stop = (until,) if isinstance(until, str) else tuple(until)
-        temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+        sampled = bool(kwargs.get("do_sample"))
+        temperature = float(kwargs.get("temperature", 1.0)) if sampled else 0.0
+        top_k = kwargs.get("top_k") if sampled else None
+        top_p = float(kwargs.get("top_p", 1.0)) if sampled else 1.0
         max_new_tokens = int(kwargs.get("max_gen_toks", self.max_gen_toks))
         if max_new_tokens >= self.max_length:
-            raise ValueError(f"max_gen_toks={max_new_tokens} leaves no room for a context in max_length={self.max_length}")
-        return stop, max_new_tokens, temperature
+            raise UserFacingError(f"max_gen_toks={max_new_tokens} leaves no room for a context in "
+                                  f"max_length={self.max_length}")
+        return stop, max_new_tokens, temperature, top_k, top_p

@@ -55,6 +55,8 @@ def continuation_logprobs(model: LLaMA, requests: Sequence[tuple[Sequence[int], 
     for index, (context, continuation) in enumerate(requests):
         if not context or not continuation:
             raise ValueError("every request needs at least one context and one continuation token")
+        if len(continuation) > max_length:
+            raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={max_length}")
         tokens = (list(context) + list(continuation))[-(max_length + 1):]
         rows.setdefault(tuple(tokens[:-1]), []).append((index, tuple(continuation)))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
@@ -150,11 +152,14 @@ def _score_batch(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix | N
             pair_position += range(first + longest - len(continuation), first + longest)
             pair_token += continuation
             pair_owner += [(i, owner)] * len(continuation)
-    picked = hidden[torch.tensor(read_rows), torch.tensor(read_positions)]
-    positions, tokens = torch.tensor(pair_position), torch.tensor(pair_token)
-    target_logit, log_norm, greedy = torch.empty(len(positions)), torch.empty(len(picked)), torch.empty(len(picked), dtype=torch.long)
+    picked = hidden[torch.tensor(read_rows, device=device), torch.tensor(read_positions, device=device)]
+    positions = torch.tensor(pair_position, device=device)
+    tokens = torch.tensor(pair_token, device=device)
+    target_logit = torch.empty(len(positions), device=device)
+    log_norm = torch.empty(len(picked), device=device)
+    greedy = torch.empty(len(picked), dtype=torch.long, device=device)
     for start in range(0, len(picked), HEAD_CHUNK):
-        logits = model.logits(picked[start:start + HEAD_CHUNK]).float().cpu()
+        logits = model.logits(picked[start:start + HEAD_CHUNK]).float()
         log_norm[start:start + HEAD_CHUNK] = logits.logsumexp(-1)
         greedy[start:start + HEAD_CHUNK] = logits.argmax(-1)
         inside = (positions >= start) & (positions < start + HEAD_CHUNK)

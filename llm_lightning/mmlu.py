@@ -89,9 +89,12 @@ def read_subject(folder: Path, subject: str, split: str) -> list[Question]:
     questions = []
     with path.open(newline="", encoding="utf-8") as handle:
         for line, row in enumerate(csv.reader(handle), start=1):
-            if len(row) != 6 or row[5].strip() not in LETTERS:
-                raise UserFacingError(f"{path}:{line}: expected question, A, B, C, D and an answer letter A-D; "
-                                      f"got {len(row)} fields")
+            if len(row) != 6:
+                raise UserFacingError(f"{path}:{line}: expected 6 fields (question, A, B, C, D, answer), "
+                                      f"got {len(row)}")
+            if row[5].strip() not in LETTERS:
+                raise UserFacingError(f"{path}:{line}: answer {row[5]!r} is not a letter A-D (a header row? "
+                                      "the files have none)")
             questions.append(Question(subject, row[0], tuple(row[1:5]), row[5].strip()))
     return questions
 
@@ -106,6 +109,24 @@ def choose_subjects(folder: Path, subjects: Sequence[str] | None, split: str) ->
     if not subjects:
         raise UserFacingError(f"{folder / split}: no {{subject}}_{split}.csv files")
     return list(subjects)
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    exemplars: list[Question]  # the dev rows the prompt shows answered
+    questions: list[Question]
+
+
+def read_benchmark(folder: Path, subjects: Sequence[str] | None, shots: int,
+                   limit: int | None) -> tuple[str, list[Subject]]:
+    """(split, subjects): every file read and checked, before any weights load."""
+    split = eval_split(folder)
+    chosen = [Subject(name, read_subject(folder, name, "dev")[:shots], read_subject(folder, name, split)[:limit])
+              for name in choose_subjects(folder, subjects, split)]
+    if not any(subject.questions for subject in chosen):
+        raise UserFacingError(f"{folder / split}: no MMLU questions to score in the chosen subjects")
+    return split, chosen
 
 
 def summarize(subjects: Sequence[str], correct: Sequence[bool]) -> dict:

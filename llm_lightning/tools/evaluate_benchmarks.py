@@ -14,7 +14,6 @@ give the same numbers (tested). ``tasks`` are lm-eval's own task names, or paths
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import time
 from pathlib import Path
 
@@ -24,9 +23,8 @@ from llm_lightning.harness import lm_eval_backend
 from llm_lightning.loading import load_base_model
 from llm_lightning.loglikelihood import continuation_logprobs, encode_pair
 from llm_lightning.lora import lora_disabled
-from llm_lightning.mmlu import (
-    CATEGORY_SUBJECTS, LETTERS, choose_subjects, eval_split, few_shot_prefix, lm_eval_tasks, read_subject, summarize,
-)
+from llm_lightning.errors import UserFacingError
+from llm_lightning.mmlu import CATEGORY_SUBJECTS, LETTERS, Subject, few_shot_prefix, lm_eval_tasks, read_benchmark, summarize
 from llm_lightning.settings import EvaluateSettings, Harness, Task
 from llm_lightning.tools.eval_report import Table, report
 
@@ -34,20 +32,25 @@ MMLU_SHOTS = 5
 
 
 def evaluate_benchmarks(settings: EvaluateSettings) -> dict:
+    harness = chosen_harness(settings)
+    benchmark = None
+    if settings.task == Task.mmlu:  # every file is checked before the weights load
+        shots = MMLU_SHOTS if settings.num_fewshot is None else settings.num_fewshot
+        benchmark = (Path(settings.data.path).expanduser(), shots,
+                     *read_benchmark(Path(settings.data.path).expanduser(), settings.subjects, shots, settings.limit))
     model, tokenizer = load_base_model(settings.model)
     path = resolve_checkpoint(settings.ckpt_path, name=settings.name) if settings.ckpt_path else None
     if path:
         load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
     model.eval()
-    harness = chosen_harness(settings)
     variants = {"base": lora_disabled(model), "fine_tuned": contextlib.nullcontext()} if path else \
         {"base": contextlib.nullcontext()}
     scores = {}
     for name, switch in variants.items():
         with switch:
             scores[name] = {}
-            if settings.task == Task.mmlu:
-                scores[name].update(mmlu(model, tokenizer, settings, harness))
+            if benchmark:
+                scores[name].update(mmlu(model, tokenizer, *benchmark, harness=harness, batch_size=settings.batch_size))
             if settings.tasks:
                 scores[name]["lm_eval"] = lm_eval_results(model, tokenizer, settings)
     results = {"checkpoint": str(path) if path else None, "model": settings.model.source or settings.model.preset,
@@ -58,56 +61,60 @@ def evaluate_benchmarks(settings: EvaluateSettings) -> dict:
 
 
 def chosen_harness(settings: EvaluateSettings) -> str:
+    """builtin or lm_eval; ``auto`` takes lm-eval when it imports, else the builtin scorer."""
     if settings.harness == Harness.builtin:
         return "builtin"
     if settings.harness == Harness.lm_eval or settings.tasks:
         lm_eval_backend()  # one line on how to install it when it is missing
         return "lm_eval"
-    return "lm_eval" if importlib.util.find_spec("lm_eval") else "builtin"
+    try:
+        lm_eval_backend()
+        return "lm_eval"
+    except UserFacingError:
+        return "builtin"
 
 
-def mmlu(model, tokenizer, settings: EvaluateSettings, harness: str) -> dict:
-    folder = Path(settings.data.path).expanduser()
-    split = eval_split(folder)
-    subjects = choose_subjects(folder, settings.subjects, split)
-    shots = MMLU_SHOTS if settings.num_fewshot is None else settings.num_fewshot
+def mmlu(model, tokenizer, folder: Path, shots: int, split: str, subjects: list[Subject], *, harness: str,
+         batch_size: int) -> dict:
     started = time.perf_counter()
     if harness == "lm_eval":
-        asked, correct = mmlu_with_lm_eval(model, tokenizer, folder, subjects, split, shots, settings)
+        asked, correct = mmlu_with_lm_eval(model, tokenizer, folder, shots, split, subjects, batch_size)
     else:
-        asked, correct = mmlu_builtin(model, tokenizer, folder, subjects, split, shots, settings)
+        asked, correct = mmlu_builtin(model, tokenizer, subjects, batch_size)
     seconds = time.perf_counter() - started
     print(f"MMLU: {len(correct)} questions in {seconds:.1f} s, {len(correct) / seconds:.2f} questions/s")
     return {"task": "mmlu", "data": str(folder), "split": split, "shots": shots, **summarize(asked, correct),
             "seconds": round(seconds, 1), "questions_per_second": round(len(correct) / seconds, 3)}
 
 
-def mmlu_builtin(model, tokenizer, folder: Path, subjects: list[str], split: str, shots: int,
-                 settings: EvaluateSettings) -> tuple[list[str], list[bool]]:
+def mmlu_builtin(model, tokenizer, subjects: list[Subject], batch_size: int) -> tuple[list[str], list[bool]]:
     """Each question's four requests (its prompt, then " A" .. " D"); the answer is the likeliest."""
     requests, asked, answers = [], [], []
     for subject in subjects:
-        prefix = few_shot_prefix(subject, read_subject(folder, subject, "dev")[:shots])
-        for question in read_subject(folder, subject, split)[:settings.limit or None]:
+        prefix = few_shot_prefix(subject.name, subject.exemplars)
+        for question in subject.questions:
             requests += [encode_pair(tokenizer, prefix + question.text(), f" {letter}") for letter in LETTERS]
-            asked.append(subject)
+            asked.append(subject.name)
             answers.append(question.answer)
-    scores = [logprob for logprob, _ in continuation_logprobs(model, requests, batch_size=settings.batch_size)]
+    scores = [logprob for logprob, _ in continuation_logprobs(model, requests, batch_size=batch_size)]
     chosen = [max(range(4), key=lambda k: scores[4 * i + k]) for i in range(len(answers))]
     return asked, [LETTERS[k] == answer for k, answer in zip(chosen, answers)]
 
 
-def mmlu_with_lm_eval(model, tokenizer, folder: Path, subjects: list[str], split: str, shots: int,
-                      settings: EvaluateSettings) -> tuple[list[str], list[bool]]:
+def mmlu_with_lm_eval(model, tokenizer, folder: Path, shots: int, split: str, subjects: list[Subject],
+                      batch_size: int) -> tuple[list[str], list[bool]]:
+    """The same questions through lm-eval's task configs (``limit`` as the subjects were read)."""
     import lm_eval
 
-    backend = lm_eval_backend().LLMLightningLM(model, tokenizer, batch_size=settings.batch_size)
-    output = lm_eval.simple_evaluate(model=backend, tasks=lm_eval_tasks(folder, subjects, split, shots),
-                                     limit=settings.limit, log_samples=True, verbosity="WARNING")
+    backend = lm_eval_backend().LLMLightningLM(model, tokenizer, batch_size=batch_size)
+    names = [subject.name for subject in subjects]
+    limit = max(len(subject.questions) for subject in subjects)
+    output = lm_eval.simple_evaluate(model=backend, tasks=lm_eval_tasks(folder, names, split, shots),
+                                     limit=limit, log_samples=True, verbosity="WARNING")
     asked, correct = [], []
-    for subject in subjects:
-        samples = sorted(output["samples"][f"mmlu_local_{subject}"], key=lambda s: s["doc_id"])
-        asked += [subject] * len(samples)
+    for name in names:
+        samples = sorted(output["samples"][f"mmlu_local_{name}"], key=lambda s: s["doc_id"])
+        asked += [name] * len(samples)
         correct += [bool(s["acc"]) for s in samples]
     return asked, correct
 
