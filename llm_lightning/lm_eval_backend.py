@@ -27,17 +27,18 @@ from llm_lightning.generation import generate
 from llm_lightning.loading import load_pretrained
 from llm_lightning.loglikelihood import continuation_logprobs
 from llm_lightning.model import LLaMA
+from llm_lightning.settings import DType
 from llm_lightning.tokenizer import Tokenizer
 
 
-DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def model_dtype(name: str) -> torch.dtype:
-    """The dtype the weights load in; ``auto`` (what lm-eval users pass for ``hf``) is float32."""
-    if name not in DTYPES:
-        raise UserFacingError(f"dtype={name}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """The dtype the weights load in: one of the tools' ``dtype`` names, or ``auto`` (what lm-eval
+    users pass for ``hf``), which is float32."""
+    if name == "auto":
+        return torch.float32
+    if name not in DType.__members__:
+        raise UserFacingError(f"dtype={name}: expected auto or one of {', '.join(DType.__members__)}")
+    return getattr(torch, name)
 
 
 @register_model("llm_lightning")

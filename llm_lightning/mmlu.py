@@ -118,15 +118,24 @@ class Subject:
     questions: list[Question]
 
 
-def read_benchmark(folder: Path, subjects: Sequence[str] | None, shots: int,
-                   limit: int | None) -> tuple[str, list[Subject]]:
-    """(split, subjects): every file read and checked, before any weights load."""
+@dataclass(frozen=True)
+class Benchmark:
+    """What one MMLU run scores: the folder and split it read, the shots, the subjects' questions."""
+
+    folder: Path
+    split: str
+    shots: int
+    subjects: list[Subject]
+
+
+def read_benchmark(folder: Path, subjects: Sequence[str] | None, shots: int, limit: int | None) -> Benchmark:
+    """Every file read and checked, before any weights load."""
     split = eval_split(folder)
     chosen = [Subject(name, read_subject(folder, name, "dev")[:shots], read_subject(folder, name, split)[:limit])
               for name in choose_subjects(folder, subjects, split)]
     if not any(subject.questions for subject in chosen):
         raise UserFacingError(f"{folder / split}: no MMLU questions to score in the chosen subjects")
-    return split, chosen
+    return Benchmark(folder, split, shots, chosen)
 
 
 def summarize(subjects: Sequence[str], correct: Sequence[bool]) -> dict:

@@ -106,9 +106,9 @@ def test_builtin_scorer_and_lm_eval_give_the_same_numbers(smollm2):
         pytest.skip(f"{folder} is not available")
     model, tokenizer = smollm2
     subjects = ["abstract_algebra", "high_school_european_history"]  # the shortest prompts and the longest
-    split, chosen = mmlu.read_benchmark(folder, subjects, shots=5, limit=4)
-    builtin = mmlu_builtin(model, tokenizer, chosen, batch_size=3)
-    through_lm_eval = mmlu_with_lm_eval(model, tokenizer, folder, 5, split, chosen, batch_size=3)
+    benchmark = mmlu.read_benchmark(folder, subjects, shots=5, limit=4)
+    builtin = mmlu_builtin(model, tokenizer, benchmark.subjects, batch_size=3)
+    through_lm_eval = mmlu_with_lm_eval(model, tokenizer, benchmark, batch_size=3)
     assert builtin == through_lm_eval and len(builtin[1]) == 8
 
     output = lm_eval.simple_evaluate(model=LLMLightningLM(model, tokenizer, batch_size=3),

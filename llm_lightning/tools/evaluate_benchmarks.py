@@ -22,9 +22,11 @@ from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.harness import lm_eval_backend
 from llm_lightning.loading import load_base_model
 from llm_lightning.loglikelihood import continuation_logprobs, encode_pair
-from llm_lightning.lora import lora_disabled
 from llm_lightning.errors import UserFacingError
-from llm_lightning.mmlu import CATEGORY_SUBJECTS, LETTERS, Subject, few_shot_prefix, lm_eval_tasks, read_benchmark, summarize
+from llm_lightning.lora import lora_disabled
+from llm_lightning.mmlu import (
+    CATEGORY_SUBJECTS, LETTERS, Benchmark, Subject, few_shot_prefix, lm_eval_tasks, read_benchmark, summarize,
+)
 from llm_lightning.settings import EvaluateSettings, Harness, Task
 from llm_lightning.tools.eval_report import Table, report
 
@@ -36,8 +38,7 @@ def evaluate_benchmarks(settings: EvaluateSettings) -> dict:
     benchmark = None
     if settings.task == Task.mmlu:  # every file is checked before the weights load
         shots = MMLU_SHOTS if settings.num_fewshot is None else settings.num_fewshot
-        benchmark = (Path(settings.data.path).expanduser(), shots,
-                     *read_benchmark(Path(settings.data.path).expanduser(), settings.subjects, shots, settings.limit))
+        benchmark = read_benchmark(Path(settings.data.path).expanduser(), settings.subjects, shots, settings.limit)
     model, tokenizer = load_base_model(settings.model)
     path = resolve_checkpoint(settings.ckpt_path, name=settings.name) if settings.ckpt_path else None
     if path:
@@ -50,7 +51,7 @@ def evaluate_benchmarks(settings: EvaluateSettings) -> dict:
         with switch:
             scores[name] = {}
             if benchmark:
-                scores[name].update(mmlu(model, tokenizer, *benchmark, harness=harness, batch_size=settings.batch_size))
+                scores[name].update(mmlu(model, tokenizer, benchmark, harness=harness, batch_size=settings.batch_size))
             if settings.tasks:
                 scores[name]["lm_eval"] = lm_eval_results(model, tokenizer, settings)
     results = {"checkpoint": str(path) if path else None, "model": settings.model.source or settings.model.preset,
@@ -74,16 +75,16 @@ def chosen_harness(settings: EvaluateSettings) -> str:
         return "builtin"
 
 
-def mmlu(model, tokenizer, folder: Path, shots: int, split: str, subjects: list[Subject], *, harness: str,
-         batch_size: int) -> dict:
+def mmlu(model, tokenizer, benchmark: Benchmark, *, harness: str, batch_size: int) -> dict:
     started = time.perf_counter()
     if harness == "lm_eval":
-        asked, correct = mmlu_with_lm_eval(model, tokenizer, folder, shots, split, subjects, batch_size)
+        asked, correct = mmlu_with_lm_eval(model, tokenizer, benchmark, batch_size)
     else:
-        asked, correct = mmlu_builtin(model, tokenizer, subjects, batch_size)
+        asked, correct = mmlu_builtin(model, tokenizer, benchmark.subjects, batch_size)
     seconds = time.perf_counter() - started
     print(f"MMLU: {len(correct)} questions in {seconds:.1f} s, {len(correct) / seconds:.2f} questions/s")
-    return {"task": "mmlu", "data": str(folder), "split": split, "shots": shots, **summarize(asked, correct),
+    return {"task": "mmlu", "data": str(benchmark.folder), "split": benchmark.split, "shots": benchmark.shots,
+            **summarize(asked, correct),
             "seconds": round(seconds, 1), "questions_per_second": round(len(correct) / seconds, 3)}
 
 
@@ -101,15 +102,15 @@ def mmlu_builtin(model, tokenizer, subjects: list[Subject], batch_size: int) -> 
     return asked, [LETTERS[k] == answer for k, answer in zip(chosen, answers)]
 
 
-def mmlu_with_lm_eval(model, tokenizer, folder: Path, shots: int, split: str, subjects: list[Subject],
-                      batch_size: int) -> tuple[list[str], list[bool]]:
+def mmlu_with_lm_eval(model, tokenizer, benchmark: Benchmark, batch_size: int) -> tuple[list[str], list[bool]]:
     """The same questions through lm-eval's task configs (``limit`` as the subjects were read)."""
     import lm_eval
 
     backend = lm_eval_backend().LLMLightningLM(model, tokenizer, batch_size=batch_size)
-    names = [subject.name for subject in subjects]
-    limit = max(len(subject.questions) for subject in subjects)
-    output = lm_eval.simple_evaluate(model=backend, tasks=lm_eval_tasks(folder, names, split, shots),
+    names = [subject.name for subject in benchmark.subjects]
+    limit = max(len(subject.questions) for subject in benchmark.subjects)
+    tasks = lm_eval_tasks(benchmark.folder, names, benchmark.split, benchmark.shots)
+    output = lm_eval.simple_evaluate(model=backend, tasks=tasks,
                                      limit=limit, log_samples=True, verbosity="WARNING")
     asked, correct = [], []
     for name in names:
