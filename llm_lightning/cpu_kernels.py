@@ -95,6 +95,14 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_an
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
 
 
+def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SDPA's output [B, H, L, D], each query's log-sum-exp [B, H, L]) by the CPU flash-attention
+    kernel behind ``F.scaled_dot_product_attention``, which alone returns the log-sum-exp; k and v
+    may have fewer heads than q."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+
+
 # -- trials: the private op on a tiny case against the portable op --------------------------------
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -139,6 +147,10 @@ def int4_supported() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
+def flash_attention_supported() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def trial_onednn_linear(dtype: torch.dtype = torch.float32) -> Decision:
     x, weight, bias = _tiny_case(dtype)
     return _trial(lambda: (onednn_linear(x, weight, bias), F.linear(x, weight, bias)), dtype)
@@ -181,6 +193,25 @@ def trial_int4_linear() -> Decision:
     scale_and_zero = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
     return _trial(lambda: (int4_linear(x, pack_int4(codes), 32, scale_and_zero),
                            F.linear(x.float(), weight.view(48, 64))), torch.bfloat16)
+
+
+def trial_flash_attention_with_lse() -> Decision:
+    """Grouped heads, causal and not, against the scores written out: outputs and log-sum-exps."""
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, heads, 7, 16, generator=generator) for heads in (4, 2, 2))
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        got, expected = [], []
+        for causal in (False, True):
+            out, lse = flash_attention_with_lse(q, k, v, causal=causal)
+            scores = q @ kr.transpose(-1, -2) / 4
+            if causal:
+                scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+            got += [out.flatten(), lse.flatten()]
+            expected += [scores.softmax(-1) @ vr, scores.logsumexp(-1)]
+        return torch.cat(got), torch.cat([t.flatten() for t in expected])
+    return _trial(both, torch.float32)
 
 
 # -- measurements: the private op against the portable one, in a shape class ----------------------
@@ -241,6 +272,10 @@ def decision(path: str) -> Decision:
         x, weights = _vector_case(dtype)
         packed, plain = [pack(w) for w in weights], linear_function(x, weights[0])
         return _measured(lambda: [onednn_linear(x, p) for p in packed * 4], lambda: [plain(x, w) for w in weights * 4])
+    if path == "flash_attention_lse":
+        if not flash_attention_supported():
+            return Decision(False, "this PyTorch has no CPU flash-attention kernel")
+        return trial_flash_attention_with_lse()
     if path == "int4_matmul":
         return trial_int4_linear() if int4_supported() else Decision(False, "this PyTorch has no int4 CPU kernel")
     if not int8_supported():  # int8_matmul
@@ -256,6 +291,8 @@ PATHS = {
     "packed_bf16": "sampling with bf16 weights reordered by oneDNN (generate.py pack_weights)",
     "int8_matmul": "quantize=int8 products by PyTorch's int8 weight kernel (else dequantised per call)",
     "int4_matmul": "quantize=int4 products by PyTorch's int4 CPU kernel (else dequantised per call)",
+    # No timing: the alternative writes every score out, where this kernel is the one public SDPA runs.
+    "flash_attention_lse": "benchmark scoring's split attention by the CPU flash kernel (else scores written out)",
 }
 
 

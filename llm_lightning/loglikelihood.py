@@ -3,12 +3,12 @@
 Benchmark requests repeat themselves. The four choices of a question share their whole context,
 and every question of an MMLU subject opens with the same five exemplars (hundreds to thousands
 of tokens). So rows are deduplicated (one forward per distinct input sequence, however many
-targets read it), grouped by the prefix they share and batched by length within a group. A batch whose rows
-share a long enough prefix runs it once, at batch size 1, into a KV cache. The prefix is kept
-while the following batches still start with it, and the rows' own tokens then attend to it.
+targets read it), grouped by the prefix they share and batched by length within a group. A batch
+whose rows share a long enough prefix runs it once, at batch size 1, into the KV cache. The
+prefix is kept while the following batches still start with it. The rows' own tokens are packed
+end to end, without padding, and attend to the prefix and to their own row (``segments.py``).
 The head and log-softmax run only at the positions that predict a continuation token.
 
-Rows are right-padded, so causal attention alone keeps padding out of every real position.
 Over-long rows keep their last ``max_length`` inputs, as lm-eval's ``hf`` backend does.
 """
 
@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from llm_lightning.model import LLaMA
+from llm_lightning.segments import PrefixSegments
 from llm_lightning.tokenizer import Tokenizer
 
 MIN_SHARED_PREFIX = 32  # below this, a second forward costs more than the prefix it would save
@@ -28,9 +29,9 @@ HEAD_CHUNK = 512  # positions whose vocabulary-wide logits exist at once (about 
 
 @dataclass
 class _Prefix:
+    """The tokens whose keys and values every layer's KV cache holds (batch 1, exactly this long)."""
+
     tokens: tuple[int, ...]
-    keys: list[torch.Tensor]  # per layer [1, kv_heads, len, head_dim]
-    values: list[torch.Tensor]
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -95,8 +96,8 @@ def _common_prefix_length(rows: list[tuple[int, ...]]) -> int:
 
 
 def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: list[int], kept: _Prefix | None,
-                   min_shared_prefix: int) -> tuple[_Prefix | None, _Prefix | None]:
-    """(the prefix this batch runs once, the prefix kept for the next batches).
+                   min_shared_prefix: int) -> tuple[int, _Prefix | None]:
+    """(how many leading tokens of the batch's rows the KV cache serves, the prefix kept in it).
 
     The batch's prefix stops before the first position a row reads. The kept prefix serves, cut
     to what the batch shares with it, unless running the batch's own longer prefix once costs less
@@ -107,52 +108,40 @@ def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: li
     if kept is not None:
         common = _common_prefix_length([kept.tokens[:limit], batch[0][:limit]])
         if common >= min_shared_prefix and (limit - common) * len(batch) <= limit:
-            cut = _Prefix(kept.tokens[:common], [k[:, :, :common] for k in kept.keys],
-                          [v[:, :, :common] for v in kept.values])
-            return cut, kept
+            return common, kept
     if limit < min_shared_prefix:
-        return None, kept
+        return 0, kept
     tokens = batch[0][:limit]
     weight = model.tok_embeddings.weight
     model.setup_kv_cache(1, limit, dtype=weight.dtype, device=weight.device)
     model.hidden_states(torch.tensor([tokens], device=weight.device))
-    caches = [layer.attention.kv_cache for layer in model.layers]
-    fresh = _Prefix(tokens, [c.k.clone() for c in caches], [c.v.clone() for c in caches])
-    return fresh, fresh
+    return limit, _Prefix(tokens)
 
 
-def _score_batch(model: LLaMA, batch: list[tuple[int, ...]], prefix: _Prefix | None,
+def _score_batch(model: LLaMA, batch: list[tuple[int, ...]], shared: int,
                  reads: list[list[tuple[int, tuple[int, ...]]]]) -> list[tuple[int, tuple[float, bool]]]:
-    """(request, score) for every read of the batch's rows. Each read's continuation sits in the
-    last positions of its row; the head runs on those positions only, HEAD_CHUNK at a time, so
-    the vocabulary-wide logits never exist for a whole batch at once."""
+    """(request, score) for every read of the batch's rows. The rows' tokens after the ``shared``
+    ones the KV cache holds are packed into one sequence (``segments.PrefixSegments``). Each read's
+    continuation sits in the last positions of its row; the head runs on those positions only,
+    HEAD_CHUNK at a time, so the vocabulary-wide logits never exist for a whole batch at once."""
     device = model.tok_embeddings.weight.device
-    shared = len(prefix.tokens) if prefix else 0
     own = [row[shared:] for row in batch]
-    width = max(len(tokens) for tokens in own)
-    ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-    for i, tokens in enumerate(own):
-        ids[i, :len(tokens)] = torch.tensor(tokens)
-    if prefix:
-        model.setup_kv_cache(len(batch), shared + width, dtype=prefix.keys[0].dtype, device=device)
-        for layer, keys, values in zip(model.layers, prefix.keys, prefix.values):
-            layer.attention.kv_cache.k[:, :, :shared] = keys
-            layer.attention.kv_cache.v[:, :, :shared] = values
-    else:
-        model.clear_kv_cache()
-    hidden = model.hidden_states(ids, start_pos=shared)
+    segments = PrefixSegments(shared, tuple(len(tokens) for tokens in own))
+    ids = torch.tensor([[token for tokens in own for token in tokens]], device=device)
+    hidden = model.hidden_states(ids, segments=segments)[0]
 
-    read_rows, read_positions, pair_position, pair_token, pair_owner = [], [], [], [], []
+    read_positions, pair_position, pair_token, pair_owner = [], [], [], []
+    row_end = 0
     for i, (tokens, row_reads) in enumerate(zip(own, reads)):
         longest = max(len(continuation) for _, continuation in row_reads)
         first = len(read_positions)
-        read_rows += [i] * longest
-        read_positions += range(len(tokens) - longest, len(tokens))
+        row_end += len(tokens)
+        read_positions += range(row_end - longest, row_end)
         for owner, (_, continuation) in enumerate(row_reads):
             pair_position += range(first + longest - len(continuation), first + longest)
             pair_token += continuation
             pair_owner += [(i, owner)] * len(continuation)
-    picked = hidden[torch.tensor(read_rows, device=device), torch.tensor(read_positions, device=device)]
+    picked = hidden[torch.tensor(read_positions, device=device)]
     positions = torch.tensor(pair_position, device=device)
     tokens = torch.tensor(pair_token, device=device)
     target_logit = torch.empty(len(positions), device=device)

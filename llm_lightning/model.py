@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.linear import Linear, linear
+from llm_lightning.segments import PrefixSegments
 
 
 class RMSNorm(nn.Module):
@@ -118,19 +119,22 @@ class Attention(nn.Module):
         self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | PrefixSegments | None,
                 start_pos: int | torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q = apply_rope(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), rotations)
         k = apply_rope(self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim), rotations)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
-        causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if isinstance(mask, PrefixSegments):
+            y = mask.attend(q, k, v, self.kv_cache)
+        else:
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(start_pos, k, v)
+            causal = mask is None and seq_len > 1 and k.shape[2] == seq_len
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
+            )
         return self.wo(y.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -156,7 +160,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | PrefixSegments | None,
                 start_pos: int | torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rotations, mask, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -225,13 +229,19 @@ class LLaMA(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, *, start_pos: int | torch.Tensor = 0,
                       positions: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normalised hidden states [B, T, dim], before the output projection."""
+                      document_ids: torch.Tensor | None = None,
+                      segments: PrefixSegments | None = None) -> torch.Tensor:
+        """Final normalised hidden states [B, T, dim], before the output projection.
+
+        ``segments`` says that the one row of ``input_ids`` packs several rows that each continue
+        the prefix held in the KV cache (see ``segments.py``); the cache is read, not written."""
         batch, seq_len = input_ids.shape
-        if positions is None:
+        if segments is not None:
+            positions = segments.positions(input_ids.device)
+        elif positions is None:
             positions = (start_pos + torch.arange(seq_len, device=input_ids.device)).expand(batch, -1)
         rotations = rope_rotations(self.config, positions)
-        mask = self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device, document_ids)
+        mask = segments if segments is not None else self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device, document_ids)
         x = self.tok_embeddings(input_ids)
         use_checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

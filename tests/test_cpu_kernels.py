@@ -45,6 +45,12 @@ def test_int4_kernel_matches_the_dequantized_product():
     assert decision.on, decision.reason
 
 
+@needs(cpu_kernels.flash_attention_supported(), "the CPU flash-attention kernel")
+def test_flash_attention_returns_the_log_sum_exp_of_the_written_out_scores():
+    decision = cpu_kernels.trial_flash_attention_with_lse()
+    assert decision.on, decision.reason
+
+
 def test_trial_refuses_a_failing_or_wrong_kernel():
     def fails():
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert\nmore")

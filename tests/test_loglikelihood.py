@@ -42,6 +42,7 @@ def model_and_requests():
     return model, requests
 
 
+@pytest.mark.kernels  # the split attention runs the CPU flash kernel or its portable form
 @pytest.mark.parametrize("batch_size, min_shared_prefix, head_chunk", [(1, 10_000, 512), (4, 8, 3), (64, 1, 512)])
 def test_scores_equal_one_full_forward_per_request(model_and_requests, batch_size, min_shared_prefix, head_chunk,
                                                    monkeypatch):
