@@ -196,21 +196,23 @@ def trial_int4_linear() -> Decision:
 
 
 def trial_flash_attention_with_lse() -> Decision:
-    """Grouped heads, causal and not, against the scores written out: outputs and log-sum-exps."""
+    """Grouped heads against the scores written out, outputs and log-sum-exps: causal (a row
+    against itself) and not (every row's queries against a longer prefix), as scoring calls it."""
     generator = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(1, heads, 7, 16, generator=generator) for heads in (4, 2, 2))
-    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    q = torch.randn(1, 4, 7, 16, generator=generator)
+    k, v = (torch.randn(1, 2, 11, 16, generator=generator) for _ in range(2))
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         got, expected = [], []
-        for causal in (False, True):
-            out, lse = flash_attention_with_lse(q, k, v, causal=causal)
-            scores = q @ kr.transpose(-1, -2) / 4
+        for causal, keys in ((False, 11), (True, 7)):
+            out, lse = flash_attention_with_lse(q, k[:, :, :keys], v[:, :, :keys], causal=causal)
+            scores = q @ k[:, :, :keys].repeat_interleave(2, 1).transpose(-1, -2) / 4
             if causal:
                 scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
             got += [out.flatten(), lse.flatten()]
-            expected += [scores.softmax(-1) @ vr, scores.logsumexp(-1)]
-        return torch.cat(got), torch.cat([t.flatten() for t in expected])
+            expected += [(scores.softmax(-1) @ v[:, :, :keys].repeat_interleave(2, 1)).flatten(),
+                         scores.logsumexp(-1).flatten()]
+        return torch.cat(got), torch.cat(expected)
     return _trial(both, torch.float32)
 
 

@@ -42,6 +42,11 @@ class PrefixSegments:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache) -> torch.Tensor:
         """Attention of the packed tokens: q [1, H, N, D], k and v [1, KV, N, D] -> [1, H, N, D];
         ``cache`` (a ``model.KVCache``) holds the prefix, which it is not asked to change."""
+        if q.shape[0] != 1:
+            raise ValueError(f"packed segments come as one row; got a batch of {q.shape[0]}")
+        if self.prefix_length and (cache is None or cache.k.shape[2] < self.prefix_length):
+            held = 0 if cache is None else cache.k.shape[2]
+            raise ValueError(f"segments continue {self.prefix_length} cached positions; the KV cache holds {held}")
         rows = list(zip(*(t.split(self.lengths, dim=2) for t in (q, k, v))))
         if not self.prefix_length:
             return torch.cat([F.scaled_dot_product_attention(qr, kr, vr, is_causal=True,
@@ -52,8 +57,8 @@ class PrefixSegments:
         prefix_k = cache.k[:1, :, :self.prefix_length]
         prefix_v = cache.v[:1, :, :self.prefix_length]
         shared, shared_lse = attention_with_lse(q, prefix_k, prefix_v, causal=False)
-        prefix_share = torch.sigmoid(shared_lse.float() - own_lse.float())[..., None].to(own.dtype)
-        return own + prefix_share * (shared - own)
+        prefix_share = torch.sigmoid(shared_lse - own_lse)[..., None]  # fp32, as the merge is
+        return (own.float() + prefix_share * (shared.float() - own.float())).to(q.dtype)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -76,17 +81,18 @@ def math_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = heads // kv_heads
     chunk = max(1, MATH_SCORES_PER_CHUNK // (batch * heads * keys))
+    k, v = k.float(), v.float()
     outputs, lses = [], []
     for start in range(0, length, chunk):
         part = q[:, :, start:start + chunk].float()
         rows = part.shape[2]
         stacked = part.reshape(batch, kv_heads, groups * rows, dim)
-        scores = stacked @ k.float().transpose(-1, -2) / dim ** 0.5
+        scores = stacked @ k.transpose(-1, -2) / dim ** 0.5
         if causal:
             query_pos = start + torch.arange(rows, device=q.device).repeat(groups)
             scores = scores.masked_fill(torch.arange(keys, device=q.device) > query_pos[:, None], float("-inf"))
         lse = scores.logsumexp(-1)
-        out = (scores - lse[..., None]).exp() @ v.float()
+        out = (scores - lse[..., None]).exp() @ v
         outputs.append(out.reshape(batch, heads, rows, dim).to(q.dtype))
         lses.append(lse.reshape(batch, heads, rows))
     return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig
+from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels
 from llm_lightning.segments import PrefixSegments, attention_with_lse, math_attention_with_lse
 
 pytestmark = pytest.mark.kernels
@@ -23,7 +23,7 @@ def written_out(q, k, v, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("chunk", [1 << 24, 100])  # 100 scores: one query row per chunk
+@pytest.mark.parametrize("chunk", [1 << 24, 250])  # 250 scores: chunks of 2 query rows (of 9)
 def test_attention_with_lse_equals_the_written_out_scores(causal, chunk, monkeypatch):
     monkeypatch.setattr("llm_lightning.segments.MATH_SCORES_PER_CHUNK", chunk)
     generator = torch.Generator().manual_seed(0)
@@ -36,9 +36,13 @@ def test_attention_with_lse_equals_the_written_out_scores(causal, chunk, monkeyp
         torch.testing.assert_close(lse, want_lse, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("prefix_length", [0, 5, 11])
-def test_packed_rows_equal_each_row_run_alone(prefix_length):
-    """Hidden states of rows packed after a cut of the cached prefix equal each row's own forward."""
+def test_packed_rows_equal_each_row_run_alone(prefix_length, fast, monkeypatch):
+    """Hidden states of rows packed after a cut of the cached prefix equal each row's own forward,
+    on the flash kernel's path (where cpu_kernels takes it) and on the portable one."""
+    if not fast:
+        monkeypatch.setattr(cpu_kernels, "decision", lambda path: cpu_kernels.Decision(False, "switched off"))
     torch.manual_seed(0)
     model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=97)).eval()
     generator = torch.Generator().manual_seed(1)
@@ -57,3 +61,11 @@ def test_packed_rows_equal_each_row_run_alone(prefix_length):
 
 def test_positions_continue_the_prefix_in_every_row():
     assert PrefixSegments(4, (2, 1, 3)).positions().tolist() == [[4, 5, 4, 4, 5, 6]]
+
+
+def test_segments_refuse_a_cache_shorter_than_their_prefix():
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=97)).eval()
+    model.setup_kv_cache(1, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="continue 6 cached positions; the KV cache holds 4"):
+        model.hidden_states(torch.tensor([[1, 2, 3]]), segments=PrefixSegments(6, (2, 1)))
