@@ -107,11 +107,7 @@ class LoRAFineTuner(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)
         loss_sum, count = self.loss_terms(batch, "train")
-        if not torch.isfinite(loss_sum):
-            raise NonFiniteLossError(
-                f"training loss became {loss_sum.item()} at step {self.global_step} (batch {batch_idx}); "
-                "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
-            )
+        self._stop_if_not_finite(loss_sum, batch_idx)
         self._window_count = self._window_count + count.detach()
         mean_loss = loss_sum.detach() / count.clamp(min=1)
         self.log("train/loss", mean_loss, on_step=True, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -120,6 +116,21 @@ class LoRAFineTuner(L.LightningModule):
         # A sum over terms: Lightning's division by the accumulation and DDP's by the ranks are undone
         # here, and the division by a count happens at step time (optimizer_step).
         return loss_sum * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def _stop_if_not_finite(self, loss_sum: torch.Tensor, batch_idx: int) -> None:
+        """Raise on every rank at once when any rank's loss is not finite, naming the first such
+        rank: a rank that stopped alone would leave the others waiting in the next collective."""
+        losses = loss_sum.detach().float().reshape(1)
+        distributed = self.trainer.world_size > 1
+        if distributed:
+            losses = self.all_gather(losses).flatten()  # one per rank, the same on every rank
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            where = f" on rank {bad[0]}" if distributed else ""
+            raise NonFiniteLossError(
+                f"training loss became {losses[bad[0]].item()}{where} at step {self.global_step} (batch {batch_idx}); "
+                "stopped before the update, the last checkpoint is intact; try a lower optimizer.lr"
+            )
 
     def on_fit_start(self) -> None:
         if self.token_weighting == "epoch":

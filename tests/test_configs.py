@@ -48,6 +48,8 @@ def test_fsdp_strategy_wraps_each_transformer_block():
     policy = strategy.kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {TransformerBlock}
     assert cfg.trainer.precision == "bf16-true" and cfg.trainer.num_nodes == 2
+    # One checkpointing switch: the model's flag; an FSDP policy as well would recompute every block twice.
+    assert "activation_checkpointing_policy" not in cfg.trainer.strategy
 
 
 def test_course_recipe_settings():
@@ -55,7 +57,7 @@ def test_course_recipe_settings():
     assert cfg.model.preset == "llama2-7b" and cfg.model.activation_checkpointing
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, list(cfg.lora.targets)) == (16, 32, 0.05, ["wq", "wv"])
     assert cfg.data.limit == 200 and cfg.data.path.endswith("stanford_alpaca/main/alpaca_data.json")
-    assert cfg.trainer.max_epochs == 5 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.max_epochs == 5 and cfg.trainer.precision == "bf16-true"  # bf16 base, fp32 adapters
     assert cfg.trainer.accumulate_grad_batches > 1 and cfg.trainer.accelerator == "gpu"
 
 

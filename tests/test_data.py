@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from llm_lightning.data import BUNDLED_SAMPLE, IGNORE_INDEX, AlpacaDataModule, DataError, encode_conversation, read_records
 from llm_lightning.data.conversations import from_alpaca
-from llm_lightning.data.batching import ShuffledBatchSampler, collate
+from llm_lightning.data.batching import ShuffledBatchSampler, collate, evaluation_batches
 from llm_lightning.prompts import get_template
 from tests.conftest import shared_file
 
@@ -151,6 +155,28 @@ def test_sampler_order_depends_on_seed_and_epoch_and_skips_consumed_batches():
     assert first == list(shuffled)
 
 
+@pytest.mark.parametrize("lengths", [None, [5, 9, 2, 7, 7, 3, 8, 1, 4, 6, 2]])
+def test_ranks_deal_out_the_batches_one_process_takes(lengths):
+    """Step k of two ranks is the two batches of step k of one process accumulating two."""
+    one = list(ShuffledBatchSampler(11, batch_size=2, seed=5, lengths=lengths))
+    ranks = [list(ShuffledBatchSampler(11, batch_size=2, seed=5, lengths=lengths, rank=r, world_size=2))
+             for r in (0, 1)]
+    assert len(one) == 6 and [len(r) for r in ranks] == [3, 3]
+    assert [batch for step in zip(*ranks) for batch in step] == one
+
+
+@pytest.mark.parametrize("count, batch_size, world_size", [(21, 4, 2), (13, 2, 2), (9, 4, 4), (5, 8, 2), (7, 3, 1)])
+def test_evaluation_batches_split_the_set_evenly_over_ranks(count, batch_size, world_size):
+    shares = [evaluation_batches(count, batch_size, r, world_size) for r in range(world_size)]
+    assert len({len(share) for share in shares}) == 1  # the same number of forwards on every rank
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(count))
+    assert all(0 < len(batch) <= batch_size for share in shares for batch in share)
+
+
+def test_a_set_too_small_to_split_is_evaluated_whole_on_every_rank():
+    assert evaluation_batches(3, 1, 0, 2) == evaluation_batches(3, 1, 1, 2) == [[0], [1], [2]]
+
+
 def test_sampler_state_resumes_at_the_first_unconsumed_batch_and_rolls_over_a_finished_epoch():
     uninterrupted = ShuffledBatchSampler(7, batch_size=2, seed=3)
     uninterrupted.set_epoch(1)
@@ -251,14 +277,47 @@ def test_url_source_is_downloaded_once_and_verified(tmp_path, tokenizer):
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     module = AlpacaDataModule(source.as_uri(), tokenizer=tokenizer, cache_dir=str(tmp_path), sha256=digest, limit=20)
     module.prepare_data()
-    cached = list(tmp_path.iterdir())
+    cached = [path for path in tmp_path.iterdir() if path.suffix != ".lock"]
     assert len(cached) == 1 and cached[0].read_bytes() == source.read_bytes()
     module.setup()
     assert module.report.records_read == 999 and len(module.train_examples) == 18
     bad = AlpacaDataModule(source.as_uri(), tokenizer=tokenizer, cache_dir=str(tmp_path / "other"), sha256="0" * 64)
     with pytest.raises(DataError, match="expected 0000"):
         bad.prepare_data()
-    assert not any((tmp_path / "other").iterdir())
+    assert [path.suffix for path in (tmp_path / "other").iterdir()] == [".lock"]
+
+
+def test_ranks_that_start_together_fetch_a_url_once(tmp_path):
+    """Four processes ask for the same URL at once (as torchrun starts ranks): one request reaches
+    the server, and every process gets the whole file."""
+    body = json.dumps([{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(500)]).encode()
+    requests = []
+
+    class SlowServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            time.sleep(1.0)  # long enough for every process to be waiting
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/alpaca.json"
+    fetch = ("import sys; from pathlib import Path; from llm_lightning.data.records import download; "
+             "print(len(download(sys.argv[1], Path(sys.argv[2])).read_bytes()))")
+    try:
+        local = {**os.environ, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}  # never through a proxy
+        ranks = [subprocess.Popen([sys.executable, "-c", fetch, url, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                                  env=local) for _ in range(4)]
+        sizes = [int(rank.communicate(timeout=120)[0]) for rank in ranks]
+    finally:
+        server.shutdown()
+    assert requests == ["/alpaca.json"] and sizes == [len(body)] * 4
 
 
 def test_real_alpaca_demo_file(tokenizer):

@@ -50,7 +50,8 @@ def test_dry_run_of_the_course_recipe(tmp_path):
     result = run_train("experiment=seed_llama2_7b", "dry_run=true", run_dir=tmp_path)
     assert re.search(r"base parameters\s+6,738,415,616\n", result.stdout)
     assert re.search(r"trainable parameters\s+8,388,608  \(0.12% of base\)", result.stdout)
-    assert "activations" in result.stdout and "GiB" in result.stdout
+    assert "at precision bf16-true" in result.stdout and "activation checkpointing on" in result.stdout
+    assert re.search(r"weights\s+12.58 GiB", result.stdout)  # a bf16 base: no fp32 copy of the 7B weights
 
 
 def test_summary_checkpoints_and_csv_metrics(tmp_path):
@@ -136,10 +137,63 @@ def test_packed_chat_data_trains_from_the_cli(tmp_path):
     assert torch.load(run["last_checkpoint"], weights_only=True)["provenance"]["template_name"] == "auto"
 
 
-def test_ddp_with_two_cpu_processes(tmp_path):
-    run_train(*TINY, "trainer=ddp", "trainer.limit_train_batches=3", run_dir=tmp_path)
-    result = summary(tmp_path)
-    assert result["global_step"] == 3 and result["val_loss_end"] is not None
+def test_two_ddp_processes_train_what_one_process_trains_with_accumulation_two(tmp_path):
+    """Two gloo ranks, each taking every other batch of the one global list, against one process
+    accumulating two batches a step: the same adapter (1e-5) and the same validation loss, which
+    the two ranks compute on disjoint halves of the validation set."""
+    same = [*TINY, "data.limit=60", "data.val_size=13", "data.batch_size=2", "lora.dropout=0",
+            "trainer.max_steps=4", "callbacks.samples.num_prompts=1"]
+    run_train(*same, "trainer=ddp", run_dir=tmp_path / "ddp")
+    run_train(*same, "trainer.accumulate_grad_batches=2", run_dir=tmp_path / "one")
+    ddp, one = summary(tmp_path / "ddp"), summary(tmp_path / "one")
+    assert ddp["global_step"] == one["global_step"] == 4
+    assert ddp["val_loss_start"] == pytest.approx(one["val_loss_start"], abs=1e-6)
+    assert ddp["val_loss_end"] == pytest.approx(one["val_loss_end"], abs=1e-5)
+    adapters = [torch.load(run["last_checkpoint"], weights_only=True)["state_dict"] for run in (ddp, one)]
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(tensor, adapters[1][name], atol=1e-5, rtol=0, msg=name)
+    assert not torch.equal(adapters[1]["model.layers.0.attention.wq.lora_b"], torch.zeros_like(tensor))
+
+
+# A LoRA run on two gloo ranks whose loss turns NaN on rank 1 only, at step 2.
+ONE_RANK_DIVERGES = """
+import functools, sys
+import lightning as L, torch
+from llm_lightning import LLaMA, LLaMAConfig
+from llm_lightning.data import AlpacaDataModule
+from llm_lightning.loading import embedded_tokenizer
+from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.module import LoRAFineTuner, NonFiniteLossError
+
+class PoisonRankOne(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            with torch.no_grad():
+                pl_module.model.layers[0].attention.wq.lora_b.fill_(float("nan"))
+
+torch.manual_seed(0)
+model = apply_lora(LLaMA(LLaMAConfig.from_name("tiny", vocab_size=49152)), LoRAConfig(r=4)).train()
+module = LoRAFineTuner(model, lora=LoRAConfig(r=4), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+data = AlpacaDataModule(tokenizer=embedded_tokenizer(), limit=40, val_size=4, max_seq_length=128, batch_size=2)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    enable_checkpointing=False, use_distributed_sampler=False, callbacks=[PoisonRankOne()])
+try:
+    trainer.fit(module, datamodule=data)
+except NonFiniteLossError as error:
+    print(f"rank {trainer.global_rank} stopped: {error}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    script = tmp_path / "one_rank_diverges.py"
+    script.write_text(ONE_RANK_DIVERGES)
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    for rank in (0, 1):  # both ranks stop at step 2 and say which rank diverged; neither waits for the other
+        assert f"rank {rank} stopped: training loss became nan on rank 1 at step 2" in result.stdout, (
+            result.stdout[-2000:] + result.stderr[-3000:])
 
 
 def test_sweep_runs_each_job_in_its_own_dir(tmp_path):

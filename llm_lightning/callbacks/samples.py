@@ -1,11 +1,13 @@
 """Show what the model says, not only its loss: greedy answers to a few validation prompts after
-every validation, as a wandb table when wandb logs the run, and printed otherwise."""
+every validation, as a wandb table when wandb logs the run, and printed otherwise.
+
+Every rank generates: under FSDP each forward gathers the sharded weights, which every rank must
+join, so a rank-0-only generation would wait forever. Rank 0 alone logs and prints."""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from llm_lightning.generation import generate
 
@@ -15,7 +17,6 @@ class SampleGenerations(L.Callback):
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
         self.history: list[tuple[int, str, str, str]] = []  # (step, prompt, answer, reference)
 
-    @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         records = getattr(datamodule, "val_records", [])[: self.num_prompts]
@@ -24,6 +25,8 @@ class SampleGenerations(L.Callback):
         template = datamodule.template
         prompts = [template.prompt(r.prompt, r.tools) for r in records]
         answers = generate(pl_module.model, datamodule.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
+        if not trainer.is_global_zero:
+            return
         step = trainer.global_step
         rows = [(step, r.title, a, r.reference) for r, a in zip(records, answers)]
         self.history.extend(rows)

@@ -4,6 +4,10 @@ Shuffling depends only on (seed, epoch), every rank takes the same number of bat
 sampler can skip the batches a resumed run has already consumed. (Exact gradient accumulation
 needs nothing from here: the module divides the gradients by the window's tokens at step time.)
 
+Ranks deal the one global list of batches between them, rank r taking batches r, r + W, ...:
+so a step of W ranks sees exactly the batches that one process sees in a step with
+``accumulate_grad_batches=W``, and the two train to the same adapter (tested).
+
 Given the examples' lengths, batches are grouped by length, as Hugging Face's ``group_by_length``
 does: the shuffled order is cut into megabatches of 50 batches, each sorted by length and cut into
 batches, and the batches are shuffled again. A batch is padded to its longest example, so this
@@ -73,15 +77,11 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         self.set_epoch(epoch)
         self.skip_batches(consumed)
 
-    def _indices(self) -> list[int]:
-        total = self.count
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(total, generator=generator).tolist()
-        else:
-            order = list(range(total))
-        per_rank = total // self.world_size  # every rank takes the same number of steps
-        return order[self.rank * per_rank:(self.rank + 1) * per_rank]
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.count))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.count, generator=generator).tolist()
 
     def _grouped_by_length(self, indices: list[int]) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch + 1)
@@ -93,10 +93,14 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
     def batches(self) -> list[list[int]]:
-        indices = self._indices()
+        """This rank's batches: every ``world_size``-th of the global list, the same number on every
+        rank (the global list's last ``len % world_size`` batches are left out)."""
+        order = self._order()
         if self.shuffle and self.lengths is not None:
-            return self._grouped_by_length(indices)
-        return [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+            batches = self._grouped_by_length(order)
+        else:
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches[self.rank:len(self) * self.world_size:self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches()[self.skip:]
@@ -104,8 +108,21 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         return iter(batches)
 
     def __len__(self) -> int:
-        per_rank = self.count // self.world_size
-        return (per_rank + self.batch_size - 1) // self.batch_size
+        return -(-self.count // self.batch_size) // self.world_size
+
+
+def evaluation_batches(count: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's share of an evaluation set, in order: no example dropped or repeated, and the same
+    number of batches on every rank (under FSDP every forward is a collective all ranks must join).
+    The set is cut into a multiple of ``world_size`` batches whose sizes differ by one at most, and
+    dealt out. A set too small for that (fewer examples than batches) is evaluated whole on every
+    rank: the token-weighted mean synchronised across ranks is then the same, W times over."""
+    total = -(-(-(-count // batch_size)) // world_size) * world_size  # ceil(ceil(count / batch) / W) * W
+    if world_size == 1 or count < total or not count:
+        return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    sizes = [count // total + (i < count % total) for i in range(total)]
+    starts = [sum(sizes[:i]) for i in range(total)]
+    return [list(range(starts[i], starts[i] + sizes[i])) for i in range(rank, total, world_size)]
 
 
 def collate(items: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llm_lightning.data.audit import DataAudit, audit
-from llm_lightning.data.batching import ExampleDataset, ShuffledBatchSampler, collate
+from llm_lightning.data.batching import ExampleDataset, ShuffledBatchSampler, collate, evaluation_batches
 from llm_lightning.data.conversations import Conversation
 from llm_lightning.data.encoding import Example, encode_conversation
 from llm_lightning.data.packing import collate_packed, pack
@@ -214,8 +214,11 @@ class AlpacaDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.val_examples:
             return DataLoader([])
-        sampler = ShuffledBatchSampler(len(self.val_examples), batch_size=self.eval_batch_size, shuffle=False)
-        return DataLoader(ExampleDataset(self.val_examples), batch_sampler=sampler,
+        trainer = self.trainer
+        batches = evaluation_batches(len(self.val_examples), self.eval_batch_size,
+                                     rank=trainer.global_rank if trainer else 0,
+                                     world_size=trainer.world_size if trainer else 1)
+        return DataLoader(ExampleDataset(self.val_examples), batch_sampler=batches,
                           collate_fn=self._collate(), num_workers=self.num_workers, generator=self._generator())
 
     def _generator(self) -> torch.Generator:

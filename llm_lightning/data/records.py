@@ -11,6 +11,8 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+from filelock import FileLock
+
 from llm_lightning.data.conversations import Conversation, to_conversations
 from llm_lightning.errors import DataError
 
@@ -29,23 +31,29 @@ def cached_path(url: str, cache_dir: Path) -> Path:
 
 
 def download(url: str, cache_dir: Path, sha256: str | None = None) -> Path:
-    """Fetch ``url`` into ``cache_dir`` once (atomically), checking its SHA-256 when one is given."""
+    """Fetch ``url`` into ``cache_dir`` once, checking its SHA-256 when one is given.
+
+    Every rank of a distributed run reads its data before any process group exists (torchrun and
+    SLURM start them together), so the ranks agree through a lock file beside the target: the
+    first fetches to a temporary name and renames it into place atomically, and the others wait
+    for the lock, then find the file. One fetch per machine (per cache directory)."""
     target = cached_path(url, cache_dir)
-    if not target.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(target.suffix + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise DataError(f"{url}: download failed ({exc}); pass a local file with data.path=...") from None
-        partial.replace(target)
-    if sha256 is not None:
-        digest = hashlib.sha256(target.read_bytes()).hexdigest()
-        if digest != sha256:
-            target.unlink()
-            raise DataError(f"{url}: downloaded file has SHA-256 {digest}, expected {sha256}; removed it")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not target.is_file():
+            partial = target.with_suffix(target.suffix + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                    shutil.copyfileobj(response, out)
+            except OSError as exc:
+                partial.unlink(missing_ok=True)
+                raise DataError(f"{url}: download failed ({exc}); pass a local file with data.path=...") from None
+            partial.replace(target)
+        if sha256 is not None:
+            digest = hashlib.sha256(target.read_bytes()).hexdigest()
+            if digest != sha256:
+                target.unlink()
+                raise DataError(f"{url}: downloaded file has SHA-256 {digest}, expected {sha256}; removed it")
     return target
 
 
