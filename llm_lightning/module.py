@@ -95,8 +95,9 @@ class LoRAFineTuner(L.LightningModule):
     def log_stage_metrics(self, stage: str, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
         """Per step in training, per epoch in validation; accuracy on the progress bar."""
         for name, value in metrics.items():
+            # Validation is split across ranks: the epoch's value is the batch-weighted mean over all of them.
             self.log(f"{stage}/{name}", value, on_step=stage == "train", on_epoch=stage != "train",
-                     batch_size=batch_size, prog_bar=name.endswith("accuracy"))
+                     batch_size=batch_size, prog_bar=name.endswith("accuracy"), sync_dist=stage != "train")
 
     def loss_terms(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, number of terms summed) of a batch: here the NLL of its supervised tokens.

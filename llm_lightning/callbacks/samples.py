@@ -1,13 +1,16 @@
 """Show what the model says, not only its loss: greedy answers to a few validation prompts after
 every validation, as a wandb table when wandb logs the run, and printed otherwise.
 
-Every rank generates: under FSDP each forward gathers the sharded weights, which every rank must
-join, so a rank-0-only generation would wait forever. Rank 0 alone logs and prints."""
+Rank 0 generates, logs and prints. Under FSDP the samples are skipped with one warning: there the
+inner model's parameters are shards outside the root module's forward, and a rank-0-only forward
+would wait forever for the other ranks' gathers (not yet built: needs a GPU to test)."""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 
 from llm_lightning.generation import generate
 
@@ -16,8 +19,16 @@ class SampleGenerations(L.Callback):
     def __init__(self, num_prompts: int = 3, max_new_tokens: int = 64) -> None:
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
         self.history: list[tuple[int, str, str, str]] = []  # (step, prompt, answer, reference)
+        self.warned = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            if not self.warned:
+                rank_zero_warn("SampleGenerations does not run under FSDP yet; its samples are skipped")
+                self.warned = True
+            return
+        if not trainer.is_global_zero:
+            return
         datamodule = trainer.datamodule
         records = getattr(datamodule, "val_records", [])[: self.num_prompts]
         if not records or trainer.sanity_checking or self.num_prompts <= 0:
@@ -25,8 +36,6 @@ class SampleGenerations(L.Callback):
         template = datamodule.template
         prompts = [template.prompt(r.prompt, r.tools) for r in records]
         answers = generate(pl_module.model, datamodule.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
-        if not trainer.is_global_zero:
-            return
         step = trainer.global_step
         rows = [(step, r.title, a, r.reference) for r, a in zip(records, answers)]
         self.history.extend(rows)

@@ -6,7 +6,9 @@ needs nothing from here: the module divides the gradients by the window's tokens
 
 Ranks deal the one global list of batches between them, rank r taking batches r, r + W, ...:
 so a step of W ranks sees exactly the batches that one process sees in a step with
-``accumulate_grad_batches=W``, and the two train to the same adapter (tested).
+``accumulate_grad_batches=W``, and the two train to the same adapter (tested). When the number of
+batches is not a multiple of W, the ranks leave the last ones out, where one process would take
+a last, shorter step with them.
 
 Given the examples' lengths, batches are grouped by length, as Hugging Face's ``group_by_length``
 does: the shuffled order is cut into megabatches of 50 batches, each sorted by length and cut into
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from llm_lightning.data.encoding import IGNORE_INDEX, Example
+from llm_lightning.errors import DataError
 
 
 class ExampleDataset(Dataset):
@@ -67,10 +70,15 @@ class ShuffledBatchSampler(Sampler[list[int]]):
     def state_dict(self, consumed_batches: int) -> dict[str, int]:
         """Where an iteration stands. The caller says how many batches training consumed: a loader
         that prefetches has drawn more from this sampler than the model has seen."""
-        return {"epoch": self.epoch, "consumed_batches": consumed_batches}
+        return {"epoch": self.epoch, "consumed_batches": consumed_batches, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state``: the next iteration starts at the first batch not yet consumed."""
+        """Continue from ``state``: the next iteration starts at the first batch not yet consumed.
+        The count is per rank, so it means the same only with as many ranks as wrote it."""
+        if state.get("world_size", 1) != self.world_size:
+            raise DataError(f"the run being resumed trained on {state.get('world_size', 1)} ranks, this one has "
+                            f"{self.world_size}: its place in the data would be lost; resume with "
+                            f"{state.get('world_size', 1)} (trainer.devices x trainer.num_nodes)")
         epoch, consumed = state["epoch"], state["consumed_batches"]
         if consumed >= len(self):
             epoch, consumed = epoch + 1, 0

@@ -192,6 +192,10 @@ class AlpacaDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer else 1,
             lengths=[len(e) for e in self.train_examples] if grouped else None,
         )
+        if not len(sampler):
+            raise DataError(f"{self.source}: {sampler.count} training items make fewer batches of "
+                            f"data.batch_size={self.batch_size} than there are ranks ({sampler.world_size}); "
+                            "lower data.batch_size or use fewer devices")
         if self._resume:
             # Lightning builds (and starts iterating) this loader before it restores the loops of a
             # resumed run, and drops a stateful loader's saved state when configure_optimizers reads

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -41,9 +43,10 @@ def download(url: str, cache_dir: Path, sha256: str | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{target}.lock"):
         if not target.is_file():
-            partial = target.with_suffix(target.suffix + ".part")
+            handle, name = tempfile.mkstemp(dir=cache_dir, prefix=f".{target.name}.", suffix=".part")
+            partial = Path(name)
             try:
-                with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
+                with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
                     shutil.copyfileobj(response, out)
             except OSError as exc:
                 partial.unlink(missing_ok=True)
