@@ -8,8 +8,9 @@ Training: a bf16 base with fp32 LoRA r16 on every block layer and fp32 AdamW (wh
 trains), activation checkpointing on, our fused loss, at batch 4 x 512 and batch 1 x 2048.
 MFU counts per token 4N + 12·L·d·T FLOPs (forward 2N, backward through the frozen weights 2N with no
 weight gradients, attention 4·L·d·T forward and 8·L·d·T backward), N the matrix parameters, against
-the GPU's dense bf16 peak. Decode: batch 1, greedy, ``compile=True`` (CUDA graphs), 128 new tokens;
-its bound is the weight bytes read per token divided by the HBM bandwidth.
+the GPU's dense bf16 peak. The LoRA model, loss and timed step are ``train_throughput.py``'s.
+Decode: batch 1, greedy, ``compile=True`` (CUDA graphs), 128 new tokens; its bound is the weight
+bytes read per token divided by the HBM bandwidth.
 
 The model takes the embedded tokenizer's 49,152-token vocabulary (LLaMA-2 has 32,000) so that
 ``generate`` can run without other files: 0.14B more parameters, counted in N and in the bytes.
@@ -26,8 +27,8 @@ import torch
 from llm_lightning import LLaMA, LLaMAConfig
 from llm_lightning.generation import generate
 from llm_lightning.loading import embedded_tokenizer
-from llm_lightning.lora import LoRAConfig, apply_lora
-from llm_lightning.loss import model_nll
+from llm_lightning.lora import LoRAConfig
+from train_throughput import matmul_parameters, ours, step_time
 
 #: Dense bf16 peak FLOP/s and HBM bytes/s by the name CUDA reports (vendor datasheets, SXM parts).
 GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
@@ -40,18 +41,13 @@ def gpu_limits(device: str) -> tuple[float | None, float | None]:
     return next((limits for key, limits in GPUS.items() if key in name), (None, None))
 
 
-def build(args) -> LLaMA:
+def build(args):
+    """The model (bf16 base, fp32 adapters, as ``train_throughput.ours`` adapts it) and its loss."""
     torch.manual_seed(0)
     config = LLaMAConfig.from_name(args.preset, vocab_size=embedded_tokenizer().vocab_size)
     with torch.device(args.device):
         model = LLaMA(config).to(torch.bfloat16)
-    apply_lora(model, LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all",)), lora_dtype=torch.float32)
-    return model
-
-
-def matrix_parameters(model: LLaMA) -> int:
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return linear + (model.tok_embeddings.weight.numel() if model.output is None else 0)
+    return ours(model, LoRAConfig(r=16, alpha=32, dropout=0.0, targets=("all",)))
 
 
 def synchronize(device: str) -> None:
@@ -59,27 +55,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def training(model: LLaMA, args, batch: int, seq_len: int, peak_flops: float | None) -> dict:
+def training(model: LLaMA, loss, args, batch: int, seq_len: int, peak_flops: float | None) -> dict:
     model.train()
     model.activation_checkpointing = True
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        synchronize(args.device)
-        start = time.perf_counter()
-        loss_sum, count = model_nll(model, ids, ids)
-        (loss_sum / count).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(args.device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+    times = [step_time(model, loss, optimizer, (ids, ids), args.device) for _ in range(args.warmup + args.steps)]
+    seconds = sorted(times[args.warmup:])[args.steps // 2]
     config = model.config
-    flops_per_token = 4 * matrix_parameters(model) + 12 * config.n_layers * config.dim * seq_len
+    flops_per_token = 4 * matmul_parameters(model) + 12 * config.n_layers * config.dim * seq_len
     tokens_per_second = batch * seq_len / seconds
     return {
         "batch": batch, "seq_len": seq_len, "tokens_per_second": round(tokens_per_second, 1),
@@ -118,11 +104,11 @@ def main() -> None:
     parser.add_argument("--output", default="gpu_figures.json")
     args = parser.parse_args()
     peak_flops, bandwidth = gpu_limits(args.device)
-    model = build(args)
+    model, loss = build(args)
     result = {
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
-        "training": [training(model, args, 4, 512, peak_flops), training(model, args, 1, 2048, peak_flops)],
+        "training": [training(model, loss, args, 4, 512, peak_flops), training(model, loss, args, 1, 2048, peak_flops)],
         "decode": decode(model, args, bandwidth),
     }
     print(json.dumps(result, indent=2))

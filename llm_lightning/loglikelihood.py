@@ -14,7 +14,6 @@ Over-long rows keep their last ``max_length`` inputs, as lm-eval's ``hf`` backen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -25,13 +24,6 @@ from llm_lightning.tokenizer import Tokenizer
 
 MIN_SHARED_PREFIX = 32  # below this, a second forward costs more than the prefix it would save
 HEAD_CHUNK = 512  # positions whose vocabulary-wide logits exist at once (about 100 MB for 49k tokens)
-
-
-@dataclass
-class _Prefix:
-    """The tokens whose keys and values every layer's KV cache holds (batch 1, exactly this long)."""
-
-    tokens: tuple[int, ...]
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -61,7 +53,7 @@ def continuation_logprobs(model: LLaMA, requests: Sequence[tuple[Sequence[int], 
         tokens = (list(context) + list(continuation))[-(max_length + 1):]
         rows.setdefault(tuple(tokens[:-1]), []).append((index, tuple(continuation)))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    kept: _Prefix | None = None
+    kept: tuple[int, ...] | None = None  # the tokens whose keys and values the KV cache holds
     try:
         for batch in _batches(list(rows), batch_size, min_shared_prefix):
             reads = [rows[inputs] for inputs in batch]
@@ -95,8 +87,8 @@ def _common_prefix_length(rows: list[tuple[int, ...]]) -> int:
     return length
 
 
-def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: list[int], kept: _Prefix | None,
-                   min_shared_prefix: int) -> tuple[int, _Prefix | None]:
+def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: list[int],
+                   kept: tuple[int, ...] | None, min_shared_prefix: int) -> tuple[int, tuple[int, ...] | None]:
     """(how many leading tokens of the batch's rows the KV cache serves, the prefix kept in it).
 
     The batch's prefix stops before the first position a row reads. The kept prefix serves, cut
@@ -106,7 +98,7 @@ def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: li
     """
     limit = min(_common_prefix_length(batch), min(len(row) - n for row, n in zip(batch, reads_per_row)))
     if kept is not None:
-        common = _common_prefix_length([kept.tokens[:limit], batch[0][:limit]])
+        common = _common_prefix_length([kept[:limit], batch[0][:limit]])
         if common >= min_shared_prefix and (limit - common) * len(batch) <= limit:
             return common, kept
     if limit < min_shared_prefix:
@@ -115,7 +107,7 @@ def _shared_prefix(model: LLaMA, batch: list[tuple[int, ...]], reads_per_row: li
     weight = model.tok_embeddings.weight
     model.setup_kv_cache(1, limit, dtype=weight.dtype, device=weight.device)
     model.hidden_states(torch.tensor([tokens], device=weight.device))
-    return limit, _Prefix(tokens)
+    return limit, tokens
 
 
 def _score_batch(model: LLaMA, batch: list[tuple[int, ...]], shared: int,

@@ -237,11 +237,12 @@ class LLaMA(nn.Module):
         the prefix held in the KV cache (see ``segments.py``); the cache is read, not written."""
         batch, seq_len = input_ids.shape
         if segments is not None:
-            positions = segments.positions(input_ids.device)
-        elif positions is None:
-            positions = (start_pos + torch.arange(seq_len, device=input_ids.device)).expand(batch, -1)
+            positions, mask = segments.positions(input_ids.device), segments
+        else:
+            if positions is None:
+                positions = (start_pos + torch.arange(seq_len, device=input_ids.device)).expand(batch, -1)
+            mask = self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device, document_ids)
         rotations = rope_rotations(self.config, positions)
-        mask = segments if segments is not None else self.attention_mask(seq_len, start_pos, key_padding_mask, input_ids.device, document_ids)
         x = self.tok_embeddings(input_ids)
         use_checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:

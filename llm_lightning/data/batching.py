@@ -18,6 +18,7 @@ removes most of the padding while the order stays random at the scale of a megab
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -75,10 +76,11 @@ class ShuffledBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from ``state``: the next iteration starts at the first batch not yet consumed.
         The count is per rank, so it means the same only with as many ranks as wrote it."""
-        if state.get("world_size", 1) != self.world_size:
-            raise DataError(f"the run being resumed trained on {state.get('world_size', 1)} ranks, this one has "
-                            f"{self.world_size}: its place in the data would be lost; resume with "
-                            f"{state.get('world_size', 1)} (trainer.devices x trainer.num_nodes)")
+        saved = state.get("world_size", 1)  # checkpoints from before ranks were recorded: one
+        if saved != self.world_size:
+            raise DataError(f"the run being resumed trained on {saved} ranks, this one has {self.world_size}: "
+                            f"its place in the data would be lost; resume with {saved} "
+                            "(trainer.devices x trainer.num_nodes)")
         epoch, consumed = state["epoch"], state["consumed_batches"]
         if consumed >= len(self):
             epoch, consumed = epoch + 1, 0
@@ -125,12 +127,13 @@ def evaluation_batches(count: int, batch_size: int, rank: int = 0, world_size: i
     The set is cut into a multiple of ``world_size`` batches whose sizes differ by one at most, and
     dealt out. A set too small for that (fewer examples than batches) is evaluated whole on every
     rank: the token-weighted mean synchronised across ranks is then the same, W times over."""
-    total = -(-(-(-count // batch_size)) // world_size) * world_size  # ceil(ceil(count / batch) / W) * W
+    batches = -(-count // batch_size)
+    total = -(-batches // world_size) * world_size  # rounded up to a multiple of the ranks
     if world_size == 1 or count < total or not count:
         return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
     sizes = [count // total + (i < count % total) for i in range(total)]
-    starts = [sum(sizes[:i]) for i in range(total)]
-    return [list(range(starts[i], starts[i] + sizes[i])) for i in range(rank, total, world_size)]
+    starts = [0, *itertools.accumulate(sizes)]
+    return [list(range(starts[i], starts[i + 1])) for i in range(rank, total, world_size)]
 
 
 def collate(items: list[Example], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
