@@ -16,7 +16,8 @@ So each path here is a private op called in one place, and it is used only after
   ``MIN_SPEEDUP`` faster, in its shape class: products of many rows (training, prompts) and of few
   rows (decoding one token per sequence) are measured apart, as they favour different kernels.
 
-Decisions are made once per process, lazily; ``describe()`` is the one log line that says them.
+Decisions are made once per process, lazily, from speeds measured once per machine
+(``kernel_cache``); ``describe()`` is the one log line that says them.
 ``LLM_LIGHTNING_FAST_KERNELS=0`` turns every path off: the project then runs portable PyTorch ops only.
 """
 
@@ -33,11 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llm_lightning import kernel_cache
+
 SWITCH = "LLM_LIGHTNING_FAST_KERNELS"
 
 #: A private kernel replaces an exact portable op only when it is at least this much faster: a tie
-#: goes to the portable op, and the margin keeps noisy 2-core timings from flipping the choice from
-#: one process to the next (oneDNN against MKL measured 0.97-1.20x on one AVX2 machine, 2x on a Zen 5).
+#: goes to the portable op (oneDNN against MKL measured 0.97-1.20x on one AVX2 machine, 2x on a
+#: Zen 5). Noisy timings near it no longer flip the choice between processes: see ``kernel_cache``.
 MIN_SPEEDUP = 1.25
 
 #: Products with at most this many rows are in the "vector" class (decoding), the rest in "matrix".
@@ -224,11 +227,17 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _measured(candidate: Callable[[], object], portable: Callable[[], object], rounds: int = 7) -> Decision:
-    """On if ``candidate`` is ``MIN_SPEEDUP`` faster than ``portable``: medians of alternating calls after a warm-up."""
+def _speedup(candidate: Callable[[], object], portable: Callable[[], object], rounds: int = 7) -> float:
+    """How many times faster ``candidate`` runs than ``portable``: medians of alternating calls after a warm-up."""
     candidate(), portable()
     times = [(_seconds(candidate), _seconds(portable)) for _ in range(rounds)]
-    speedup = statistics.median(t[1] for t in times) / statistics.median(t[0] for t in times)
+    return statistics.median(t[1] for t in times) / statistics.median(t[0] for t in times)
+
+
+def _measured(path: str, candidate: Callable[[], object], portable: Callable[[], object]) -> Decision:
+    """On if ``candidate`` is ``MIN_SPEEDUP`` faster than ``portable``, as measured once per machine
+    (``kernel_cache``): every process on it then chooses alike."""
+    speedup = kernel_cache.cached_speedup(cpu_description(), path, lambda: _speedup(candidate, portable))
     return Decision(speedup >= MIN_SPEEDUP, f"{speedup:.2f}x the portable op")
 
 
@@ -261,9 +270,10 @@ def decision(path: str) -> Decision:
             return trial
         if path == "onednn_fp32_matrix":
             x, weight = _matrix_case(torch.float32)
-            return _measured(lambda: onednn_linear(x, weight), lambda: F.linear(x, weight))
+            return _measured(path, lambda: onednn_linear(x, weight), lambda: F.linear(x, weight))
         x, weights = _vector_case(torch.float32)
-        return _measured(lambda: [onednn_linear(x, w) for w in weights * 4], lambda: [F.linear(x, w) for w in weights * 4])
+        return _measured(path, lambda: [onednn_linear(x, w) for w in weights * 4],
+                         lambda: [F.linear(x, w) for w in weights * 4])
     if path in ("packed_fp32", "packed_bf16"):
         dtype = torch.float32 if path == "packed_fp32" else torch.bfloat16
         if not onednn_supported(dtype):
@@ -273,7 +283,8 @@ def decision(path: str) -> Decision:
             return trial
         x, weights = _vector_case(dtype)
         packed, plain = [pack(w) for w in weights], linear_function(x, weights[0])
-        return _measured(lambda: [onednn_linear(x, p) for p in packed * 4], lambda: [plain(x, w) for w in weights * 4])
+        return _measured(path, lambda: [onednn_linear(x, p) for p in packed * 4],
+                         lambda: [plain(x, w) for w in weights * 4])
     if path == "flash_attention_lse":
         if not flash_attention_supported():
             return Decision(False, "this PyTorch has no CPU flash-attention kernel")

@@ -34,10 +34,15 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def _fused_head(model: LLaMA) -> torch.Tensor | None:
-    """The output head's weight when it can be fused with the loss (a plain or tied linear head)."""
-    if model.output is not None and type(model.output) not in (nn.Linear, Linear):
-        return None  # LoRA-adapted or quantized: no fused path
+def _has_fused_head(model: LLaMA) -> bool:
+    """Whether the output head can be fused with the loss: a plain or tied linear head, not a
+    LoRA-adapted or quantized one."""
+    return model.output is None or type(model.output) in (nn.Linear, Linear)
+
+
+def _head_weight(model: LLaMA) -> torch.Tensor:
+    """The output head's weight, read after ``hidden_states``: under FSDP that call is what
+    gathers the root's weights, which are shards before it (``sharding.py``)."""
     return model.tok_embeddings.weight if model.output is None else model.output.weight
 
 
@@ -49,12 +54,11 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, po
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
     positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
     path and goes through the full logits."""
-    head = _fused_head(model)
-    if head is None:
+    if not _has_fused_head(model):
         return token_nll(model(input_ids, positions=positions, document_ids=document_ids), labels)
     targets = next_token_targets(labels).flatten()
     hidden = model.hidden_states(input_ids, positions=positions, document_ids=document_ids).flatten(0, 1)
-    loss_sum = linear_cross_entropy(hidden, head, targets, ignore_index=IGNORE_INDEX)
+    loss_sum = linear_cross_entropy(hidden, _head_weight(model), targets, ignore_index=IGNORE_INDEX)
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
@@ -63,11 +67,11 @@ def sequence_log_probs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tens
     preference losses compare. Fused with the head row by row, as ``model_nll`` is."""
     targets = next_token_targets(labels)
     counts = (targets != IGNORE_INDEX).sum(dim=1)
-    head = _fused_head(model)
-    if head is None:
+    if not _has_fused_head(model):
         logits = model(input_ids).float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return -nll.view_as(targets).sum(dim=1), counts
     hidden = model.hidden_states(input_ids)
+    head = _head_weight(model)
     return -torch.stack([linear_cross_entropy(row, head, target, ignore_index=IGNORE_INDEX)
                          for row, target in zip(hidden, targets)]), counts

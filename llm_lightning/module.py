@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 
 from llm_lightning import nf4
 from llm_lightning.errors import CheckpointError, UserFacingError
+from llm_lightning.fsdp import FSDP2Strategy, is_sharded, shard_model
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
 from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
 from llm_lightning.model import LLaMA
@@ -71,6 +72,13 @@ class LoRAFineTuner(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``, shard the model (``fsdp.py``). Lightning calls this hook once the
+        ranks exist, before every fit and validate, so it shards only once."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDP2Strategy) and not is_sharded(self.model):
+            shard_model(self.model, strategy.world_size, strategy.root_device.type)
 
     def flops(self, batch_size: int, seq_len: int, *, backward: bool) -> int:
         """FLOPs of a batch, read by Lightning's ThroughputMonitor for MFU. Per token: forward 2N and,

@@ -82,6 +82,8 @@ class Precision:
 class HalfPrecisionFP32Adapters(HalfPrecision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         for name, parameter in module.named_parameters():
-            if parameter.is_floating_point() and not is_lora_parameter(name):
+            if not parameter.is_floating_point() or is_lora_parameter(name):
+                continue
+            if parameter.dtype != self._desired_input_dtype:  # train.py loads it so; under FSDP it is a shard by now
                 parameter.data = parameter.data.to(self._desired_input_dtype)
         return module

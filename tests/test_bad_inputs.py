@@ -65,6 +65,8 @@ CASES = [
     ("train", [*TINY, "lora.targets=[q_proj]"], "unknown LoRA target 'q_proj'"),
     ("train", [*TINY, "lora.r=0"], "lora: LoRA rank r must be positive"),
     ("train", [*TINY, "lora.base_quant=int4"], "lora: base_quant=int4: expected null or one of nf4"),
+    ("train", [*TINY, "trainer=fsdp", "trainer.accelerator=cpu", "stage=rm", "data=preferences",
+               "data.path={tmp}/pairs.json"], "stage=rm with trainer=fsdp: the reward head is not sharded"),
     ("train", ["logger=none", "model=llama2_7b"], "model.source is required for preset llama2-7b"),
     ("train", [*TINY, "model=llama9"], "Could not find 'model/llama9'"),
     ("train", [*TINY, "ckpt_path={tmp}/missing.ckpt"], "missing.ckpt: no such checkpoint file"),

@@ -36,20 +36,15 @@ def test_generate_settings_sampling_and_device():
     assert typed.torch_device.type == "cpu" and typed.model.preset == "smollm2-135m"
 
 
-def test_fsdp_strategy_wraps_each_transformer_block():
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    from llm_lightning.model import TransformerBlock
+def test_fsdp_is_fsdp2_with_adapter_only_checkpoints():
+    from llm_lightning.fsdp import FSDP2Strategy
 
     cfg = compose_train("trainer=fsdp", "trainer.num_nodes=2")
     strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {TransformerBlock}
+    assert isinstance(strategy, FSDP2Strategy) and not strategy._save_distributed_checkpoint
     assert cfg.trainer.precision == "bf16-true" and cfg.trainer.num_nodes == 2
     # One checkpointing switch: the model's flag; an FSDP policy as well would recompute every block twice.
-    assert "activation_checkpointing_policy" not in cfg.trainer.strategy
+    assert set(cfg.trainer.strategy) == {"_target_"}
 
 
 def test_course_recipe_settings():

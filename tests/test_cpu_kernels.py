@@ -4,6 +4,7 @@ for users); the switch turns every path off; decisions are logged and reported."
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -62,11 +63,32 @@ def test_trial_refuses_a_failing_or_wrong_kernel():
     assert not wrong and "relative error 1.0e-03" in wrong.reason
 
 
-def test_a_kernel_is_chosen_only_when_measured_faster():
-    slow = cpu_kernels._measured(lambda: sum(range(20000)), lambda: None)
+def test_a_kernel_is_chosen_only_when_measured_faster(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_LIGHTNING_CACHE", str(tmp_path))
+    slow = cpu_kernels._measured("slow", lambda: sum(range(20000)), lambda: None)
     assert not slow and slow.reason.endswith("x the portable op")
-    fast = cpu_kernels._measured(lambda: None, lambda: sum(range(20000)))
+    fast = cpu_kernels._measured("fast", lambda: None, lambda: sum(range(20000)))
     assert fast
+
+
+@pytest.mark.skipif(not cpu_kernels.onednn_supported(torch.float32), reason="no measured path on this CPU or build")
+def test_every_process_on_a_machine_takes_the_speed_the_first_one_measured(tmp_path):
+    """Processes that chose differently near the threshold would compute differently in the last
+    bits (a resume would not equal the run it continues): the first one's measurement is kept."""
+    describe = "from llm_lightning import cpu_kernels as k; print(k.describe())"
+    first = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path))
+    cache = tmp_path / "cpu_kernels.json"
+    entries = json.loads(cache.read_text())
+    (entry,) = entries.values()
+    measured = {"onednn_fp32_matrix", "onednn_fp32_vector", "packed_fp32"}
+    assert measured <= set(entry) and f"onednn_fp32_matrix {'on' if entry['onednn_fp32_matrix'] >= 1.25 else 'off'} " \
+        f"({entry['onednn_fp32_matrix']:.2f}x" in first
+    entry["onednn_fp32_matrix"], entry["onednn_fp32_vector"] = 9.0, 0.5
+    cache.write_text(json.dumps(entries))
+    later = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path))
+    assert "onednn_fp32_matrix on (9.00x the portable op)" in later and "onednn_fp32_vector off (0.50x" in later
+    one_thread = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path), OMP_NUM_THREADS="1")
+    assert "9.00x" not in one_thread and len(json.loads(cache.read_text())) == 2  # another setting, measured anew
 
 
 def run_python(code: str, **env: str) -> str:

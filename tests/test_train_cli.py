@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import shared_file, write_preference_pairs
-from tests.train_runner import REPO, TINY, run_train, summary
+from tests.train_runner import REPO, TINY, run_tool, run_train, summary
 
 EXPERIMENTS = ["quickstart", "chat_quickstart", "dpo_quickstart", "rm_quickstart", "lora_r8", "lora_r16", "lora_r64", "seed_llama2_7b"]
 
@@ -154,6 +154,42 @@ def test_two_ddp_processes_train_what_one_process_trains_with_accumulation_two(t
     for name, tensor in adapters[0].items():
         torch.testing.assert_close(tensor, adapters[1][name], atol=1e-5, rtol=0, msg=name)
     assert not torch.equal(adapters[1]["model.layers.0.attention.wq.lora_b"], torch.zeros_like(tensor))
+
+
+def test_fsdp_keeps_fp32_adapters_trains_what_one_process_trains_and_resumes_exactly(tmp_path):
+    """trainer=fsdp (FSDP2) on two gloo ranks with a bf16 base: fp32 adapters and AdamW moments, the
+    adapter of one process accumulating two batches, an exact resume from a mid-run checkpoint,
+    sample answers at validation, and an adapter-only checkpoint that generate.py loads on one device."""
+    same = [*TINY, "data.limit=60", "data.val_size=13", "data.batch_size=2", "lora.dropout=0",
+            "trainer.max_steps=4", "trainer.precision=bf16-true", "callbacks.samples.num_prompts=1",
+            "callbacks.samples.max_new_tokens=4"]
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "callbacks.last_checkpoint.every_n_train_steps=2", "callbacks.last_checkpoint.save_top_k=-1"]
+    sharded = run_train(*same, *fsdp, run_dir=tmp_path / "fsdp")
+    assert sharded.stdout.count("[step 0] ") == 1 and "[step 4] " in sharded.stdout  # rank 0 prints
+    run_train(*same, "trainer.accumulate_grad_batches=2", run_dir=tmp_path / "one")
+    fsdp_run, one = summary(tmp_path / "fsdp"), summary(tmp_path / "one")
+    assert fsdp_run["global_step"] == one["global_step"] == 4
+    assert fsdp_run["val_loss_end"] == pytest.approx(one["val_loss_end"], abs=1e-5)
+    checkpoint = torch.load(fsdp_run["last_checkpoint"], weights_only=True)
+    adapter, expected = checkpoint["state_dict"], _final_adapter(tmp_path / "one")
+    assert adapter.keys() == expected.keys() and all(".lora_" in name for name in adapter)
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(tensor, expected[name], atol=1e-5, rtol=0, msg=name)
+    moments = [s["exp_avg"] for s in checkpoint["optimizer_states"][0]["state"].values()]
+    assert len(moments) == len(adapter) and {m.dtype for m in moments} == {torch.float32}
+
+    run_train(*same, *fsdp, f"ckpt_path={tmp_path / 'fsdp' / 'checkpoints' / 'step000002.ckpt'}",
+              run_dir=tmp_path / "resumed")
+    resumed = _final_adapter(tmp_path / "resumed")
+    for name, tensor in adapter.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+    # The base is random (tiny), so its fingerprint differs between processes: force the load.
+    answer = run_tool("generate", "model=tiny", f"ckpt_path={fsdp_run['last_checkpoint']}", "prompt=Hi",
+                      "max_new_tokens=4", "force_adapter_load=true")
+    assert "[adapter " in answer.stdout + answer.stderr and "step 4" in answer.stdout + answer.stderr
 
 
 # A LoRA run on two gloo ranks whose loss turns NaN on rank 1 only, at step 2.

@@ -1,17 +1,16 @@
 """Show what the model says, not only its loss: greedy answers to a few validation prompts after
 every validation, as a wandb table when wandb logs the run, and printed otherwise.
 
-Rank 0 generates, logs and prints. Under FSDP the samples are skipped with one warning: there the
-inner model's parameters are shards outside the root module's forward, and a rank-0-only forward
-would wait forever for the other ranks' gathers (not yet built: needs a GPU to test)."""
+Rank 0 logs and prints. Under FSDP every rank generates too: each forward gathers the shards of
+every rank, so a rank that stayed out would leave the others waiting. The ranks hold the same
+prompts and weights, so they compute the same tokens and stop at the same step."""
 
 from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 
+from llm_lightning.fsdp import FSDP2Strategy
 from llm_lightning.generation import generate
 
 
@@ -19,15 +18,9 @@ class SampleGenerations(L.Callback):
     def __init__(self, num_prompts: int = 3, max_new_tokens: int = 64) -> None:
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
         self.history: list[tuple[int, str, str, str]] = []  # (step, prompt, answer, reference)
-        self.warned = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if isinstance(trainer.strategy, FSDPStrategy):
-            if not self.warned:
-                rank_zero_warn("SampleGenerations does not run under FSDP yet; its samples are skipped")
-                self.warned = True
-            return
-        if not trainer.is_global_zero:
+        if not (trainer.is_global_zero or isinstance(trainer.strategy, FSDP2Strategy)):
             return
         datamodule = trainer.datamodule
         records = getattr(datamodule, "val_records", [])[: self.num_prompts]
@@ -36,6 +29,8 @@ class SampleGenerations(L.Callback):
         template = datamodule.template
         prompts = [template.prompt(r.prompt, r.tools) for r in records]
         answers = generate(pl_module.model, datamodule.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
+        if not trainer.is_global_zero:
+            return
         step = trainer.global_step
         rows = [(step, r.title, a, r.reference) for r, a in zip(records, answers)]
         self.history.extend(rows)

@@ -113,9 +113,11 @@ class ShuffledBatchSampler(Sampler[list[int]]):
         return batches[self.rank:len(self) * self.world_size:self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator, so the batches (and the skip of a resume) are read at the first next(), not
+        # at iter(): under trainer=fsdp Lightning builds the iterator before it restores the data state.
         batches = self.batches()[self.skip:]
         self.skip = 0
-        return iter(batches)
+        yield from batches
 
     def __len__(self) -> int:
         return -(-self.count // self.batch_size) // self.world_size

@@ -83,7 +83,12 @@ class AlpacaDataModule(L.LightningDataModule):
                 "seed": self.seed, "skip_invalid": self.skip_invalid}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = state if state and "consumed_batches" in state else None
+        resume = state if state and "consumed_batches" in state else None
+        if resume and self._train_sampler is not None:
+            # Strategies that restore after setup (trainer=fsdp) built the loader first: position it now.
+            self._train_sampler.load_state_dict(resume)
+        else:
+            self._resume = resume
 
     def prepare_data(self) -> None:
         """Download a URL source once (rank 0 only, as Lightning calls this)."""

@@ -48,6 +48,19 @@ def uses_fsdp(trainer_cfg: DictConfig) -> bool:
     return "fsdp" in str(trainer_cfg.get("strategy")).lower()
 
 
+def check_fsdp_support(stage: str, lora: LoRAConfig, reference_path: str | None) -> None:
+    """What ``trainer=fsdp`` does not shard yet, refused before any weights are loaded."""
+    if lora.base_quant:
+        raise UserFacingError("lora.base_quant=nf4 with trainer=fsdp: FSDP cannot shard the 4-bit codes; "
+                              "use trainer=gpu or trainer=ddp")
+    if stage == "rm":
+        raise UserFacingError("stage=rm with trainer=fsdp: the reward head is not sharded, so its gradients "
+                              "would not be synchronised; use trainer=ddp")
+    if reference_path:
+        raise UserFacingError("dpo.reference with trainer=fsdp: the reference adapter cannot be swapped into "
+                              "sharded weights yet; leave dpo.reference unset (the base is the reference) or use trainer=ddp")
+
+
 def check_precision(trainer_cfg: DictConfig) -> Precision:
     """``trainer.precision`` parsed once, and refused where the accelerator cannot run it."""
     precision = Precision.parse(trainer_cfg.get("precision", "32-true"))
@@ -112,10 +125,9 @@ def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     return result
 
 
-def precision_arguments(precision: Precision, trainer_cfg: DictConfig) -> dict[str, Any]:
-    """Half-precision training keeps the adapters in fp32 (see ``precision.py``). FSDP brings its
-    own precision plugin, which casts everything it shards, so it keeps Lightning's setting."""
-    if not precision.half_weights or uses_fsdp(trainer_cfg):
+def precision_arguments(precision: Precision) -> dict[str, Any]:
+    """Half-precision training keeps the adapters in fp32 (see ``precision.py``), under every strategy."""
+    if not precision.half_weights:
         return {"precision": precision.name}
     return {"precision": None, "plugins": [HalfPrecisionFP32Adapters(precision.name)]}
 
@@ -157,11 +169,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         reference_path = str(resolve_checkpoint(settings.dpo.reference).resolve())
         # The policy starts from the supervised adapter that is also the reference, so its LoRA shape rules.
         lora = LoRAConfig.from_dict(read_training_checkpoint(reference_path)["lora_config"])
+    if uses_fsdp(cfg.trainer):
+        check_fsdp_support(settings.stage.name, lora, reference_path)
     if lora.base_quant:
         nf4.require()
-        if uses_fsdp(cfg.trainer):
-            raise UserFacingError("lora.base_quant=nf4 with trainer=fsdp: FSDP would flatten the 4-bit codes "
-                                  "together with the adapters; use trainer=gpu or trainer=ddp")
     frozen_dtype = precision.frozen_dtype(lora.base_quant is not None)
     model, tokenizer = load_base_model(cfg.model, dtype=frozen_dtype)
     if frozen_dtype != precision.weights_dtype:  # a QLoRA base under mixed precision (see precision.py)
@@ -211,7 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(resources)
     try:
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                         **precision_arguments(precision, cfg.trainer))
+                                         **precision_arguments(precision))
     except (MisconfigurationException, ValueError) as exc:
         raise UserFacingError(f"trainer: {exc}") from None
     if logger:
