@@ -7,7 +7,8 @@
 By default every position of a random batch is supervised; with ``--data`` the batches are real
 Alpaca records (Alpaca template, prompt tokens masked, right-padded to ``--seq-len``), as training
 sees them. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
-(r=16 on wq/wv, i.e. q_proj/v_proj, by default). The two sides alternate step by step after a
+(r=16 on wq/wv, i.e. q_proj/v_proj, by default); ``--compile`` compiles our blocks as ``train.py
+compile=true`` does, in the warm-up step, and leaves theirs eager. The two sides alternate step by step after a
 warm-up (``ab_rounds``); the median step is reported as tokens/s, with the median per-step ratio
 ours/theirs and its min-max, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
@@ -51,9 +52,13 @@ def base_model(args) -> LLaMA:
         return LLaMA(LLaMAConfig.from_name(args.preset)).to(dtype)
 
 
-def ours(model: LLaMA, lora: LoRAConfig):
-    """Our model and our training loss (``model_nll``, normalised as the LightningModule does)."""
+def ours(model: LLaMA, lora: LoRAConfig, *, compile: bool = False):
+    """Our model and our training loss (``model_nll``, normalised as the LightningModule does);
+    with ``compile``, each block compiled in place as ``train.py compile=true`` does."""
     apply_lora(model, lora, lora_dtype=torch.float32)  # fp32 adapters, as training and PEFT keep them
+    if compile:
+        for block in model.layers:
+            block.compile()
     model.train()
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,11 +142,13 @@ def main() -> None:
     parser.add_argument("--targets", default="wq,wv")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side, alternating (at least 5)")
     parser.add_argument("--data", default=None, help="an Alpaca JSON file: time real, prompt-masked batches")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours as train.py compile=true runs it (blocks compiled; theirs stays eager)")
     parser.add_argument("--output", default="train_throughput.json")
     args = parser.parse_args()
 
     lora = LoRAConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, targets=tuple(args.targets.split(",")))
-    ours_model, ours_forward = ours(base_model(args), lora)
+    ours_model, ours_forward = ours(base_model(args), lora, compile=args.compile)
     theirs_model, theirs_forward = theirs(base_model(args), lora)
     config = ours_model.config
     sides = {
@@ -173,7 +180,7 @@ def main() -> None:
     supervised = sum(int((data[i % len(data)][1][:, 1:] != IGNORE_INDEX).sum()) for i in range(args.steps))
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
-              "data": args.data or "random ids, all supervised", "machine": report,
+              "data": args.data or "random ids, all supervised", "ours_compiled": args.compile, "machine": report,
               "supervised_fraction": supervised / (args.steps * tokens)}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
     gemm_rate = gemm_flops_per_second(config, tokens, getattr(torch, args.dtype), args.device)
