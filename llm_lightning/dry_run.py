@@ -8,6 +8,10 @@ residual, four FFN intermediates, dropout masks), plus the fused head + loss's t
 buffers (``linear_cross_entropy``: never the full logits) and the hidden-state gradient it keeps;
 with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
 
+Under ``trainer=fsdp`` (``shards`` ranks, ``fsdp.py``) each rank holds 1/shards of every weight,
+gradient and optimizer state, and gathers whole: the root (embeddings, final norm, head) from the
+forward to the end of the backward, and one block at a time plus the next one, prefetched.
+
 A QLoRA base (``base_quant=nf4``) stores the blocks' linear weights at ``nf4.bytes_per_weight()``
 and dequantizes one matrix at a time, in the compute dtype, for its product (the largest is
 counted, once). DoRA keeps each adapted layer's output before its rescaling (for the magnitude's
@@ -46,8 +50,13 @@ def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act
     return tokens * (blocks + d) * act_bytes + head_and_loss
 
 
+def _parameter_bytes(module: torch.nn.Module, frozen_bytes: int) -> int:
+    """A module's weights as training holds them: frozen ones in ``frozen_bytes``, trainable in fp32."""
+    return sum(p.numel() * (4 if p.requires_grad else frozen_bytes) for p in module.parameters())
+
+
 def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: Precision, batch_size: int, seq_len: int,
-             checkpointing: bool, device_type: str = "cuda") -> dict[str, Any]:
+             checkpointing: bool, device_type: str = "cuda", shards: int = 1) -> dict[str, Any]:
     with torch.device("meta"):
         model = LLaMA(config)
     quantized = sum(m.weight.numel() for _, m in nf4.quantized_layers(model)) if lora.base_quant else 0
@@ -67,22 +76,33 @@ def estimate(config: LLaMAConfig, lora: LoRAConfig, *, precision: Precision, bat
         "activations": _activation_bytes(config, lora, tokens=batch_size * seq_len, act_bytes=act_bytes,
                                          checkpointing=checkpointing, device_type=device_type),
     }
+    if shards > 1:
+        for what in ("weights", "gradients", "optimizer (AdamW)"):
+            memory[what] /= shards
+        blocks = 2 * _parameter_bytes(model.layers[0], frozen_bytes)
+        root = (embedding * precision.weights_dtype.itemsize
+                + _parameter_bytes(model, frozen_bytes) - _parameter_bytes(model.layers, frozen_bytes)
+                - embedding * frozen_bytes)
+        memory["gathered (FSDP)"] = blocks + root
     if lora.base_quant or lora.dora:
         # the product's dequantized weight, and DoRA's fp32 one for its row norms
         memory["dequantized matrix"] = largest_matrix * ((act_bytes if lora.base_quant else 0) + (4 if lora.dora else 0))
-    return {"base": base, "trainable": trainable, "total": total, "memory": memory, "device": device_type}
+    return {"base": base, "trainable": trainable, "total": total, "memory": memory, "device": device_type,
+            "shards": shards}
 
 
 def format_report(name: str, lora: LoRAConfig, result: dict[str, Any], *, precision: Precision, batch_size: int,
                   seq_len: int, checkpointing: bool) -> str:
+    shards = result.get("shards", 1)
+    per_rank = f" per rank of {shards} (FSDP)" if shards > 1 else ""
     rows = [
         f"dry run: {name}, {'DoRA' if lora.dora else 'LoRA'} r={lora.r} alpha={lora.alpha:g} on "
         f"{', '.join(lora.targets)}{', NF4 base (QLoRA)' if lora.base_quant else ''}",
         f"  base parameters       {result['base']:>18,}",
         f"  trainable parameters  {result['trainable']:>18,}  ({result['trainable'] / result['base']:.2%} of base)",
         f"  total parameters      {result['total']:>18,}",
-        f"  estimated {result['device']} memory at precision {precision}, batch {batch_size} x {seq_len} tokens, "
-        f"activation checkpointing {'on' if checkpointing else 'off'}:",
+        f"  estimated {result['device']} memory{per_rank} at precision {precision}, batch {batch_size} x {seq_len} "
+        f"tokens, activation checkpointing {'on' if checkpointing else 'off'}:",
     ]
     for what, size in result["memory"].items():
         rows.append(f"    {what:<20} {size / GIB:>10.2f} GiB")

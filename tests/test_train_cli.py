@@ -54,6 +54,23 @@ def test_dry_run_of_the_course_recipe(tmp_path):
     assert re.search(r"weights\s+12.58 GiB", result.stdout)  # a bf16 base: no fp32 copy of the 7B weights
 
 
+def test_dry_run_under_fsdp_sizes_one_rank(tmp_path):
+    """Each of 4 ranks holds a quarter of the weights and gathers the root (embeddings, head) and
+    two blocks at a time: LLaMA-2-7B's blocks are 4·4096² + 3·4096·11008 bf16 weights and two
+    norms, plus LoRA r16 on wq and wv in fp32."""
+    result = run_train("experiment=seed_llama2_7b", "dry_run=true", "trainer=fsdp", "trainer.devices=4",
+                       run_dir=tmp_path).stdout
+    assert "memory per rank of 4 (FSDP) at precision bf16-true" in result
+    assert re.search(r"weights\s+3.15 GiB", result)  # 12.58 / 4
+    block = (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) * 2 + 2 * 2 * 16 * 4096 * 4
+    root = (2 * 32000 * 4096 + 4096) * 2
+    assert re.search(rf"gathered \(FSDP\)\s+{(2 * block + root) / 2**30:.2f} GiB", result)
+    if not torch.cuda.is_available():  # devices=-1 counts GPUs: none here, so the ranks are unknown
+        refused = run_train("experiment=seed_llama2_7b", "dry_run=true", "trainer=fsdp", check=False,
+                            run_dir=tmp_path / "no_gpus")
+        assert refused.returncode == 2 and "pass trainer.devices=N" in refused.stderr
+
+
 def test_summary_checkpoints_and_csv_metrics(tmp_path):
     run_train(*[o for o in TINY if o != "logger=none"], "logger=csv", "trainer.limit_train_batches=6",
               "callbacks.last_checkpoint.every_n_train_steps=2", "trainer.log_every_n_steps=1",

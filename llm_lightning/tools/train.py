@@ -109,6 +109,21 @@ def build_logger(logger_cfg: DictConfig | None):
     return instantiate(logger_cfg)
 
 
+def fsdp_ranks(trainer_cfg: DictConfig) -> int:
+    """How many ranks ``trainer=fsdp`` shards over: devices per node (``-1``: the GPUs here) x nodes."""
+    devices = trainer_cfg.get("devices", -1)
+    if isinstance(devices, int) and devices > 0:
+        per_node = devices
+    elif not isinstance(devices, (int, str)):  # a list of device indices
+        per_node = len(devices)
+    else:
+        per_node = torch.cuda.device_count()
+        if per_node == 0:
+            raise UserFacingError(f"trainer.devices={devices} counts the GPUs of this machine, which has none; "
+                                  "pass trainer.devices=N to size a run sharded over N GPUs per node")
+    return per_node * int(trainer_cfg.get("num_nodes", 1))
+
+
 def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     config = LLaMAConfig.from_name(cfg.model.preset, **dict(cfg.model.get("overrides") or {}))
     lora = lora_config(cfg.lora)
@@ -117,8 +132,9 @@ def dry_run(cfg: DictConfig, *, pairs: bool = False) -> dict[str, Any]:
     # A preference pair is two sequences (chosen and rejected) in one forward.
     sequences = cfg.data.batch_size * (2 if pairs else 1)
     device_type = "cuda" if runs_on_gpu(cfg.trainer) else "cpu"
-    result = estimate(config, lora, precision=precision, batch_size=sequences,
-                      seq_len=cfg.data.max_seq_length, checkpointing=checkpointing, device_type=device_type)
+    shards = fsdp_ranks(cfg.trainer) if uses_fsdp(cfg.trainer) else 1
+    result = estimate(config, lora, precision=precision, batch_size=sequences, seq_len=cfg.data.max_seq_length,
+                      checkpointing=checkpointing, device_type=device_type, shards=shards)
     print(format_report(config.name, lora, result, precision=precision,
                         batch_size=sequences, seq_len=cfg.data.max_seq_length,
                         checkpointing=checkpointing))
