@@ -48,11 +48,14 @@ def cached_speedup(machine: dict, path_name: str, measure: Callable[[], float]) 
         file.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{file}.lock", timeout=120):
             entries = _read(file)
-            cached = entries.get(key, {}).get(path_name)
+            entry = entries.get(key)
+            if not isinstance(entry, dict):
+                entry = entries[key] = {"machine": machine}
+            cached = entry.get(path_name)
             if isinstance(cached, (int, float)):
                 return float(cached)
             speedup = measure()
-            entries.setdefault(key, {"machine": machine})[path_name] = round(speedup, 4)
+            entry[path_name] = round(speedup, 4)
             temporary = file.with_suffix(f".{os.getpid()}.tmp")
             temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
             temporary.replace(file)
