@@ -42,7 +42,7 @@ def _has_fused_head(model: LLaMA) -> bool:
 
 def _head_weight(model: LLaMA) -> torch.Tensor:
     """The output head's weight, read after ``hidden_states``: under FSDP that call is what
-    gathers the root's weights, which are shards before it (``sharding.py``)."""
+    gathers the root's weights, which are shards before it (``fsdp.py``)."""
     return model.tok_embeddings.weight if model.output is None else model.output.weight
 
 
