@@ -2,14 +2,16 @@
 
     python benchmarks/train_throughput.py                          # the embedded SmolLM2-135M, CPU, fp32
     python benchmarks/train_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --seq-len 2048
-    python benchmarks/train_throughput.py --data ../shared/data/alpaca_en_demo.json   # real records, prompts masked
+    python benchmarks/train_throughput.py --data ../shared/data/alpaca_en_demo.json   # as train.py runs it
 
-By default every position of a random batch is supervised; with ``--data`` the batches are real
-Alpaca records (Alpaca template, prompt tokens masked, right-padded to ``--seq-len``), as training
-sees them. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
+By default every position of a random batch is supervised; with ``--data`` the batches are the
+ones ``train.py`` builds from that file (``AlpacaDataModule``: Alpaca template, prompt tokens
+masked, examples of similar length batched together, each batch right-padded to its longest,
+``--seq-len`` the longest kept), the first ``--steps`` of its first epoch, the same for both sides. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
 (r=16 on wq/wv, i.e. q_proj/v_proj, by default); ``--compile`` compiles our blocks as ``train.py
 compile=true`` does, in the warm-up step, and leaves theirs eager. The two sides alternate step by step after a
-warm-up (``ab_rounds``); the median step is reported as tokens/s, with the median per-step ratio
+warm-up over every batch that is timed (``ab_rounds``); the timed positions over the timed seconds are
+reported as tokens/s, with the median per-step ratio
 ours/theirs and its min-max, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
 The same FLOPs are also set against a matrix product of the model's own shapes timed on this
@@ -29,16 +31,14 @@ import torch
 
 from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
-from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
-from llm_lightning.data.batching import collate
-from llm_lightning.data.encoding import IGNORE_INDEX, encode_conversation
-from llm_lightning.data.records import read_records
+from llm_lightning.data import AlpacaDataModule
+from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.linear import matmul_transposed
+from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import model_nll
-from llm_lightning.prompts import get_template
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -92,21 +92,17 @@ def step_time(model, loss_fn, optimizer, batch: tuple[torch.Tensor, torch.Tensor
 
 
 def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, labels) pairs of shape [batch, seq_len]: random and fully supervised, or real records."""
+    """(input_ids, labels) pairs [batch, length]: one random, fully supervised batch of ``--seq-len``,
+    or the first ``--steps`` training batches ``train.py`` makes of ``--data``."""
     if args.data is None:
         ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), device=args.device)
         return [(ids, ids)]
-    tokenizer = embedded_tokenizer()
-    records, _ = read_records(args.data)
-    template = get_template("alpaca", tokenizer)
-    examples = [e for r in records if (e := encode_conversation(
-        r, tokenizer, template, max_seq_length=args.seq_len)) is not None]
-    out = []
-    for start in range(0, len(examples) - args.batch + 1, args.batch):
-        batch = collate(examples[start:start + args.batch], pad_id=tokenizer.pad_id,
-                        pad_to_multiple_of=args.seq_len)
-        out.append((batch["input_ids"].to(args.device), batch["labels"].to(args.device)))
-    return out
+    data = AlpacaDataModule(args.data, tokenizer=embedded_tokenizer(), max_seq_length=args.seq_len,
+                            batch_size=args.batch, val_size=0)
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    return [(batch["input_ids"].to(args.device), batch["labels"].to(args.device))
+            for batch in (next(loader) for _ in range(args.steps))]
 
 
 def gemm_flops_per_second(config: LLaMAConfig, tokens: int, dtype: torch.dtype, device: str) -> float:
@@ -158,11 +154,13 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
                   for name, (m, _) in sides.items()}
     data = batches(args, config.vocab_size)
-    tokens = args.batch * args.seq_len
+    timed_batches = [data[i % len(data)] for i in range(args.steps)]
+    positions = sum(ids.numel() for ids, _ in timed_batches)
     memory: dict[str, float] = {}
     report = machine(args.device)
-    for name, (model, forward) in sides.items():  # warm-up
-        step_time(model, forward, optimizers[name], data[-1], args.device)
+    for name, (model, forward) in sides.items():  # warm-up: every shape that will be timed, once
+        for batch in data:
+            step_time(model, forward, optimizers[name], batch, args.device)
 
     def timed(name: str):
         model, forward = sides[name]
@@ -177,25 +175,26 @@ def main() -> None:
         return step
 
     times = alternate({name: timed(name) for name in sides}, args.steps)
-    supervised = sum(int((data[i % len(data)][1][:, 1:] != IGNORE_INDEX).sum()) for i in range(args.steps))
+    supervised = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in timed_batches)
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
               "data": args.data or "random ids, all supervised", "ours_compiled": args.compile, "machine": report,
-              "supervised_fraction": supervised / (args.steps * tokens)}
-    flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * args.seq_len
-    gemm_rate = gemm_flops_per_second(config, tokens, getattr(torch, args.dtype), args.device)
+              "mean_batch_length": positions / args.steps / args.batch, "supervised_fraction": supervised / positions}
+    mean_length = positions / args.steps / args.batch
+    flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * mean_length
+    gemm_rate = gemm_flops_per_second(config, args.batch * args.seq_len, getattr(torch, args.dtype), args.device)
     result["gemm_flops_per_sec"] = gemm_rate
     result["gemm_bound_tokens_per_sec"] = gemm_rate / flops_per_token
     for name in sides:
-        step = statistics.median(times[name])
-        result[name] = {"step_seconds": step, "tokens_per_sec": tokens / step,
-                        "supervised_tokens_per_sec": tokens / step * result["supervised_fraction"],
+        rate = positions / sum(times[name])
+        result[name] = {"median_step_seconds": statistics.median(times[name]), "tokens_per_sec": rate,
+                        "supervised_tokens_per_sec": rate * result["supervised_fraction"],
                         "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None,
-                        "fraction_of_gemm_bound": flops_per_token * tokens / step / gemm_rate}
+                        "fraction_of_gemm_bound": flops_per_token * rate / gemm_rate}
         if args.device.startswith("cuda"):
             peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)
             if peak:
-                result[name]["mfu"] = flops_per_token * tokens / step / peak
+                result[name]["mfu"] = flops_per_token * rate / peak
     if not args.device.startswith("cuda"):
         result["process_max_rss_gib"] = max(memory.values())
     result["ratio"] = speed_ratio(times["ours"], times["transformers+peft"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_lightning.errors import SettingError
+from llm_lightning.fused_projections import fused_projections
 from llm_lightning.model import LLaMA
 from llm_lightning.sampling import SamplingOptions, cut_at_stop, held_back
 from llm_lightning.tokenizer import Tokenizer
@@ -256,16 +257,17 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: str | Sequence[str], *
     was_training = model.training
     model.eval()
     try:
-        if num_beams > 1:
-            texts = []
-            for ids in prompt_ids:
-                best, _ = _beam_search(model, tokenizer, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                       repetition_penalty=repetition_penalty)
-                texts.append(cut_at_stop(tokenizer.decode(best), options.stop)[0])
-        else:
-            texts = [""] * len(batch)
-            for pieces in _sample(model, tokenizer, prompt_ids, options, compile=compile):
-                texts = [t + p for t, p in zip(texts, pieces)]
+        with fused_projections(model):
+            if num_beams > 1:
+                texts = []
+                for ids in prompt_ids:
+                    best, _ = _beam_search(model, tokenizer, ids, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                           repetition_penalty=repetition_penalty)
+                    texts.append(cut_at_stop(tokenizer.decode(best), options.stop)[0])
+            else:
+                texts = [""] * len(batch)
+                for pieces in _sample(model, tokenizer, prompt_ids, options, compile=compile):
+                    texts = [t + p for t, p in zip(texts, pieces)]
     finally:
         model.train(was_training)
     return texts[0] if single else texts
@@ -280,8 +282,9 @@ def stream(model: LLaMA, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: i
     was_training = model.training
     model.eval()
     try:
-        for pieces in _sample(model, tokenizer, [tokenizer.encode(prompt, bos=True)], options, compile=compile):
-            if pieces[0]:
-                yield pieces[0]
+        with fused_projections(model):
+            for pieces in _sample(model, tokenizer, [tokenizer.encode(prompt, bos=True)], options, compile=compile):
+                if pieces[0]:
+                    yield pieces[0]
     finally:
         model.train(was_training)

@@ -118,13 +118,20 @@ class Attention(nn.Module):
         self.wv = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
         self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        #: wq, wk and wv stacked, while sampling stacks them (``fused_projections.py``).
+        self.fused_qkv: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | PrefixSegments | None,
                 start_pos: int | torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        q = apply_rope(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), rotations)
-        k = apply_rope(self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim), rotations)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        if self.fused_qkv is not None:
+            q, k, v = linear(x, self.fused_qkv).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), rotations)
+        k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), rotations)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(mask, PrefixSegments):
             y = mask.attend(q, k, v, self.kv_cache)
@@ -147,9 +154,15 @@ class FeedForward(nn.Module):
         self.w1 = Linear(config.dim, hidden, bias=False)
         self.w2 = Linear(hidden, config.dim, bias=False)
         self.w3 = Linear(config.dim, hidden, bias=False)
+        #: w1 and w3 stacked, while sampling stacks them (``fused_projections.py``).
+        self.fused_w13: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.fused_w13 is not None:
+            gate, up = linear(x, self.fused_w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

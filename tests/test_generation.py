@@ -11,7 +11,9 @@ import torch
 
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.errors import SettingError
+from llm_lightning.fused_projections import fused_projections
 from llm_lightning.generation import _beam_search, filter_logits, generate, stream
+from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.model import LLaMA
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.prompts import get_template
@@ -48,6 +50,29 @@ def test_cached_greedy_equals_uncached_greedy(smollm2):
     prompt = chat(PROMPTS[2])
     expected = tokenizer.decode(greedy_without_cache(model, tokenizer, prompt, 20))
     assert generate(model, tokenizer, prompt, max_new_tokens=20) == expected
+
+
+def test_fused_projections_compute_the_same_and_give_every_weight_back():
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64)).eval()
+    apply_lora(model.layers[1], LoRAConfig(r=2, targets=("wq", "wv")))
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        expected = model(ids)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with fused_projections(model), torch.no_grad():
+        first, second = model.layers
+        assert first.attention.fused_qkv is not None and second.attention.fused_qkv is None  # LoRA keeps its own
+        assert all(block.feed_forward.fused_w13 is not None for block in model.layers)
+        stacked = first.attention.fused_qkv
+        assert first.attention.wk.weight.data_ptr() == stacked[64:].data_ptr()  # a view, not a copy
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
+    assert all(block.attention.fused_qkv is None and block.feed_forward.fused_w13 is None for block in model.layers)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers) and all(p.is_contiguous() for p in model.parameters())
 
 
 def test_top_k_1_and_one_beam_equal_greedy(smollm2):
