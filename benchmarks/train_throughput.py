@@ -16,7 +16,9 @@ ours/theirs and its min-max, peak memory (CUDA max allocated
 per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
 The same FLOPs are also set against a matrix product of the model's own shapes timed on this
 device (``fraction_of_gemm_bound``): a step can go no faster than its matrix products, so that
-fraction says how much either side leaves to gain, where no nominal peak is known (CPUs).
+fraction says how much either side leaves to gain, where no nominal peak is known (CPUs). The count
+is a dense model's, head included at every position, so with ``--data`` ours, which skips the
+head at masked positions, can exceed 1.
 """
 
 from __future__ import annotations
