@@ -13,6 +13,11 @@ of it (their ``.data`` is pointed there), so memory does not grow; when sampling
 weight gets its own storage back, so training, saving and loading see the model as it was. Only
 plain ``Linear`` layers without bias, on ordinary tensors of one dtype and device, take part:
 LoRA-adapted, quantized, packed, NF4 and FSDP-sharded layers keep their own products.
+
+Stacking and giving back run outside inference mode even when sampling runs inside it (Lightning
+validates under ``torch.inference_mode`` by default, and sample generations run there): a
+weight given back as an inference tensor could never again be saved for a backward pass, and
+training would fail at its next step.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def _stackable(layers: tuple[nn.Module, ...]) -> bool:
     if not all(type(layer) is Linear and layer.bias is None for layer in layers):
         return False
     weights = [layer.weight for layer in layers]
-    return (all(type(w.data) is torch.Tensor and not nf4.is_nf4(w) for w in weights)
+    return (all(type(w.data) is torch.Tensor and not nf4.is_nf4(w) and not w.is_inference() for w in weights)
             and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1)
 
 
@@ -50,7 +55,7 @@ def fused_projections(model: LLaMA) -> Iterator[LLaMA]:
     (see the module docstring); on leaving it, the weights are separate tensors again."""
     fused = []
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for owner, attribute, layers in _groups(model):
                 if getattr(owner, attribute) is not None or not _stackable(layers):
                     continue
@@ -61,7 +66,7 @@ def fused_projections(model: LLaMA) -> Iterator[LLaMA]:
                 fused.append((owner, attribute, layers))
         yield model
     finally:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             for owner, attribute, layers in fused:
                 for layer in layers:
                     layer.weight.data = layer.weight.data.clone()

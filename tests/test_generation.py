@@ -75,6 +75,20 @@ def test_fused_projections_compute_the_same_and_give_every_weight_back():
     assert len(set(pointers)) == len(pointers) and all(p.is_contiguous() for p in model.parameters())
 
 
+def test_sampling_under_inference_mode_leaves_weights_that_train():
+    # Lightning validates under inference mode, and sample generations run there, between training steps.
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64))
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.inference_mode(), fused_projections(model):
+        assert model.layers[0].feed_forward.fused_w13 is not None
+        model(ids)
+    assert not any(p.is_inference() for p in model.parameters())
+    model(ids).sum().backward()  # saves the frozen w1/w3 for backward: fails if they became inference tensors
+    assert model.layers[0].attention.wq.lora_b.grad is not None
+
+
 def test_top_k_1_and_one_beam_equal_greedy(smollm2):
     model, tokenizer = smollm2
     prompt = chat(PROMPTS[1])
