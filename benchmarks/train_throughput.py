@@ -24,6 +24,7 @@ head at masked positions, can exceed 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import statistics
@@ -102,9 +103,12 @@ def batches(args, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     data = AlpacaDataModule(args.data, tokenizer=embedded_tokenizer(), max_seq_length=args.seq_len,
                             batch_size=args.batch, val_size=0)
     data.setup("fit")
-    loader = iter(data.train_dataloader())
-    return [(batch["input_ids"].to(args.device), batch["labels"].to(args.device))
-            for batch in (next(loader) for _ in range(args.steps))]
+    out = [(batch["input_ids"].to(args.device), batch["labels"].to(args.device))
+           for batch in itertools.islice(data.train_dataloader(), args.steps)]
+    if len(out) < args.steps:
+        raise SystemExit(f"error: {args.data} makes {len(out)} batches of {args.batch}; --steps {args.steps} "
+                         f"needs as many, expected --steps {len(out)} or less")
+    return out
 
 
 def gemm_flops_per_second(config: LLaMAConfig, tokens: int, dtype: torch.dtype, device: str) -> float:
@@ -170,7 +174,7 @@ def main() -> None:
         def step(index: int) -> float:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            seconds = step_time(model, forward, optimizers[name], data[index % len(data)], args.device)
+            seconds = step_time(model, forward, optimizers[name], timed_batches[index], args.device)
             memory[name] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             return seconds
@@ -178,11 +182,11 @@ def main() -> None:
 
     times = alternate({name: timed(name) for name in sides}, args.steps)
     supervised = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in timed_batches)
+    mean_length = positions / args.steps / args.batch
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
               "data": args.data or "random ids, all supervised", "ours_compiled": args.compile, "machine": report,
-              "mean_batch_length": positions / args.steps / args.batch, "supervised_fraction": supervised / positions}
-    mean_length = positions / args.steps / args.batch
+              "mean_batch_length": mean_length, "supervised_fraction": supervised / positions}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * mean_length
     gemm_rate = gemm_flops_per_second(config, args.batch * args.seq_len, getattr(torch, args.dtype), args.device)
     result["gemm_flops_per_sec"] = gemm_rate
