@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_lightning.config import LLaMAConfig
 from llm_lightning.linear import Linear, linear
+from llm_lightning.rms_norm import rms_norm
 from llm_lightning.segments import PrefixSegments
 
 
@@ -26,9 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as Meta does, then scale in the input dtype.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return normed.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)  # in fp32 as Meta does, scaled in the input dtype
 
 
 def rope_inverse_frequencies(config: LLaMAConfig, device: torch.device | None = None) -> torch.Tensor:
@@ -125,12 +124,15 @@ class Attention(nn.Module):
                 start_pos: int | torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         if self.fused_qkv is not None:
-            q, k, v = linear(x, self.fused_qkv).split(
-                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            # q's and k's columns are adjacent in the stacked product, so one rotation serves both.
+            heads = self.n_heads + self.n_kv_heads
+            qk, v = linear(x, self.fused_qkv).split([heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            qk = apply_rope(qk.view(batch, seq_len, heads, self.head_dim), rotations)
+            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = apply_rope(q.view(batch, seq_len, self.n_heads, self.head_dim), rotations)
-        k = apply_rope(k.view(batch, seq_len, self.n_kv_heads, self.head_dim), rotations)
+            q = apply_rope(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), rotations)
+            k = apply_rope(self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim), rotations)
+            v = self.wv(x)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if isinstance(mask, PrefixSegments):
