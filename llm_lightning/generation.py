@@ -129,6 +129,7 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], opt
     seen = ids.clone()
     rows = [_Row() for _ in prompt_ids]
     decoders = [tokenizer.stream_decoder() for _ in prompt_ids]
+    stop_ids = tokenizer.stop_ids
 
     cache_len = total
     if compile:
@@ -143,7 +144,7 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], opt
         for step in range(max_new_tokens):
             logits = penalize_repetition(logits, seen, repetition_penalty)
             if step < options.min_new_tokens:
-                logits[:, tokenizer.eos_id] = float("-inf")
+                logits[:, sorted(stop_ids)] = float("-inf")
             next_ids = choose_next(logits, temperature=options.temperature, top_k=options.top_k,
                                    top_p=options.top_p, generator=generator)
             pieces = []
@@ -151,7 +152,7 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], opt
             for state, decoder, token in zip(rows, decoders, next_ids.tolist()):
                 if state.done:
                     pieces.append("")
-                elif token == tokenizer.eos_id:
+                elif token in stop_ids:
                     pieces.append(state.advance(decoder.flush(), stop, final=True))
                 else:
                     piece = decoder.push(token)
@@ -179,8 +180,9 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
                  max_new_tokens: int, repetition_penalty: float = 1.0,
                  length_penalty: float = 1.0) -> tuple[list[int], float]:
     """(best continuation ids without EOS, its total log-probability). Hypotheses that end in EOS
-    are ranked by log-probability / length**length_penalty, as in Hugging Face transformers; the
-    repetition penalty reshapes each beam's logits over its own context before the log-softmax."""
+    (or another of ``tokenizer.stop_ids``) are ranked by log-probability / length**length_penalty,
+    as in Hugging Face transformers; the repetition penalty reshapes each beam's logits over its own
+    context before the log-softmax."""
     device = model.tok_embeddings.weight.device
     max_new_tokens = fit_to_context(model, len(prompt), max_new_tokens)
     total = len(prompt) + max_new_tokens
@@ -192,6 +194,7 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
             logits = penalize_repetition(logits.float(), seen, repetition_penalty)
         return logits.float().log_softmax(-1)
 
+    stop_ids = tokenizer.stop_ids
     try:
         beams: list[list[int]] = [[]]
         logprobs = next_logprobs(model(torch.tensor([prompt], device=device))[:, -1], beams)
@@ -208,7 +211,7 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
             next_beams, next_scores, parents, tokens = [], [], [], []
             for score, index in zip(top_scores.tolist(), top_index.tolist()):
                 parent, token = divmod(index, vocab)
-                if token == tokenizer.eos_id:
+                if token in stop_ids:
                     length = len(beams[parent]) + 1
                     finished.append((score / length**length_penalty, score, beams[parent]))
                     continue

@@ -25,6 +25,14 @@ class Tokenizer(ABC):
     pad_id: int
     add_bos: bool
     chat_template: str | None = None
+    #: End-of-turn ids the model's files declare beside EOS: Llama-3 Instruct ends its turns with
+    #: <|eot_id|> while its EOS is <|end_of_text|>, and lists both as ``eos_token_id``.
+    end_of_turn_ids: tuple[int, ...] = ()
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The ids that end a generated answer: EOS and the declared end-of-turn ids."""
+        return frozenset((self.eos_id, *self.end_of_turn_ids))
 
     @property
     @abstractmethod
@@ -209,10 +217,11 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, tokenizer, source: str, *, bos_id: int | None, eos_id: int,
                  pad_id: int | None = None, unk_id: int | None = None, add_bos: bool = True,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, end_of_turn_ids: Sequence[int] = ()) -> None:
         self.tok = tokenizer
         self.source = source
         self.bos_id, self.eos_id = bos_id, eos_id
+        self.end_of_turn_ids = tuple(sorted({int(i) for i in end_of_turn_ids} - {eos_id}))
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
         self.pad_id = self._choose_pad(pad_id, unk_id)
@@ -245,8 +254,12 @@ class HFTokenizer(Tokenizer):
             raise TokenizerError(f"{directory}: no eos_token in tokenizer_config.json or config.json")
         probe = raw.encode("a", add_special_tokens=True).ids
         add_bos = settings.get("add_bos_token", bool(probe) and probe[0] == bos_id)
+        # transformers' generate stops on every id these list; so does ours.
+        declared = [ids for config in (model_config, _read_json(directory / "generation_config.json"))
+                    for ids in _as_list(config.get("eos_token_id"))]
         return cls(raw, str(path), bos_id=bos_id, eos_id=eos_id, pad_id=special_id("pad"),
-                   unk_id=special_id("unk"), add_bos=add_bos, chat_template=settings.get("chat_template"))
+                   unk_id=special_id("unk"), add_bos=add_bos, chat_template=settings.get("chat_template"),
+                   end_of_turn_ids=declared)
 
     @property
     def vocab_size(self) -> int:
@@ -269,6 +282,13 @@ class HFTokenizer(Tokenizer):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
+
+
+def _as_list(value) -> list[int]:
+    """An ``eos_token_id`` setting, which files write as one id, a list of ids, or null."""
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value if isinstance(v, int)] if isinstance(value, list) else []
 
 
 def _read_json(path: Path) -> dict:

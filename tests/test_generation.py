@@ -223,7 +223,7 @@ def test_max_new_tokens_beyond_the_context_is_clipped_with_a_warning(caplog):
     model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64, max_seq_len=16)).eval()
 
     class Ids:  # a tokenizer over ids 0-63: the text is the ids, space-separated
-        eos_id, pad_id = 63, 0
+        eos_id, pad_id, stop_ids = 63, 0, frozenset({63})
 
         def encode(self, text, bos=True):
             return [int(t) for t in text.split()]
@@ -236,6 +236,37 @@ def test_max_new_tokens_beyond_the_context_is_clipped_with_a_warning(caplog):
     assert "max_new_tokens=100 clipped to 10" in caplog.text
     with pytest.raises(SettingError, match="fills the model's context of 16"):
         generate(model, Ids(), " ".join(["1"] * 16), max_new_tokens=4)
+
+
+class _IdTokenizer:
+    """A tokenizer over ids 0-63 whose text is the ids, space-separated: tests read the ids back."""
+
+    eos_id, pad_id = 63, 0
+
+    def __init__(self, end_of_turn_ids=()):
+        self.stop_ids = frozenset((self.eos_id, *end_of_turn_ids))
+
+    def encode(self, text, bos=True):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+    def stream_decoder(self):
+        return type("D", (), {"push": lambda _, t: f"{t} ", "flush": lambda _: ""})()
+
+
+def test_generation_stops_on_a_declared_end_of_turn_id_as_on_eos():
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64, max_seq_len=64)).eval()
+    free = [int(t) for t in generate(model, _IdTokenizer(), "1 2 3", max_new_tokens=12, min_new_tokens=12).split()]
+    cut = next(i for i, t in enumerate(free) if i > 0 and t not in free[:i])
+    stopped = generate(model, _IdTokenizer(end_of_turn_ids=(free[cut],)), "1 2 3", max_new_tokens=12)
+    assert [int(t) for t in stopped.split()] == free[:cut]
+    held = generate(model, _IdTokenizer(end_of_turn_ids=(free[cut],)), "1 2 3", max_new_tokens=12, min_new_tokens=12)
+    assert [int(t) for t in held.split()] != free and free[cut] not in [int(t) for t in held.split()]
+    # Beam search finishes a hypothesis on any stop id: with every id one, each ends at once.
+    assert generate(model, _IdTokenizer(end_of_turn_ids=range(63)), "1 2 3", max_new_tokens=12, num_beams=2) == ""
 
 
 def test_beam_search_applies_the_repetition_penalty(smollm2):

@@ -137,3 +137,15 @@ def test_sentencepiece_kind_gguf_and_quantized_tensor(tmp_path):
     wq_error = (model.layers[0].attention.wq.weight - torch.from_numpy(arrays["blk.0.attn_q"])).abs().max()
     assert 0 < wq_error < 2e-3  # Q8_0 round trip: quantized, then dequantized on load
     assert read_gguf_tokenizer(path).encode("Hello world") == [1, 15043, 3186]
+
+
+def test_bpe_gguf_declares_its_end_of_turn_token_as_a_stop_id():
+    """Llama-3 GGUFs carry <|eot_id|> as ``tokenizer.ggml.eot_token_id`` beside EOS <|end_of_text|>."""
+    from llm_lightning.checkpoints.gguf_tokenizer import tokenizer_from_gguf_metadata
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": ["a", "b", "<|end_of_text|>", "<|eot_id|>"], "tokenizer.ggml.token_type": [1, 1, 3, 3],
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.eot_token_id": 3}
+    tokenizer = tokenizer_from_gguf_metadata(meta, "tiny.gguf")
+    assert tokenizer.eos_id == 2 and tokenizer.stop_ids == {2, 3}
+    assert tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.eot_token_id": 2}, "tiny.gguf").stop_ids == {2}

@@ -57,3 +57,18 @@ def test_hf_tokenizer_json_from_directory(tiny_tokenizer_dir):
     assert ids[-1] == tokenizer.eos_id == tokenizer.token_to_id("</s>")
     assert tokenizer.decode(ids) == "The quick brown fox"
     assert tokenizer.pad_id == tokenizer.token_to_id("<pad>")
+
+
+def test_end_of_turn_ids_declared_beside_eos_stop_generation(tiny_tokenizer_dir, tmp_path):
+    """Llama-3 Instruct's files list <|eot_id|> beside <|end_of_text|> as ``eos_token_id``."""
+    import json
+    import shutil
+
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(tiny_tokenizer_dir, directory)
+    assert load_tokenizer(directory).stop_ids == {2}
+    (directory / "config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    tokenizer = load_tokenizer(directory)
+    assert tokenizer.eos_id == 2 == tokenizer.token_to_id("</s>")
+    assert tokenizer.stop_ids == {2, 7, 9} and tokenizer.end_of_turn_ids == (7, 9)

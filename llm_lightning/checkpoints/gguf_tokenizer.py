@@ -64,6 +64,8 @@ def _bpe_tokenizer(meta: dict[str, Any], source: str) -> HFTokenizer:
         unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
         add_bos=meta.get("tokenizer.ggml.add_bos_token", False),
         chat_template=meta.get("tokenizer.chat_template"),
+        end_of_turn_ids=[meta[key] for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                         if isinstance(meta.get(key), int)],
     )
 
 
