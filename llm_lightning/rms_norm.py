@@ -22,7 +22,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.float()
-        rstd = torch.rsqrt(torch.linalg.vecdot(x32, x32).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
+        # Sums of products, not ``linalg.vecdot``: autocast would run that in bf16.
+        rstd = torch.rsqrt((x32 * x32).sum(-1, keepdim=True).div_(x.shape[-1]).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
         return (x32 * rstd).type_as(x) * weight
 
@@ -33,7 +34,7 @@ class _RMSNorm(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             g = (grad * weight).float()
-            coefficient = torch.linalg.vecdot(g, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            coefficient = (g * x32).sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(x.shape[-1])
             grad_x = torch.addcmul(g * rstd, x32, coefficient, value=-1).type_as(x)
         if ctx.needs_input_grad[1]:
             grad_weight = (grad * (x32 * rstd).type_as(x)).flatten(0, -2).sum(0)

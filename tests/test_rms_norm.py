@@ -37,3 +37,19 @@ def test_rms_norm_without_gradients_equals_the_definition():
         torch.testing.assert_close(rms_norm(x, weight, 1e-6), reference_rms_norm(x, weight, 1e-6), atol=1e-6, rtol=1e-6)
         bf16 = x.bfloat16()
         assert torch.equal(rms_norm(bf16, weight.bfloat16(), 1e-6), reference_rms_norm(bf16, weight.bfloat16(), 1e-6))
+
+
+def test_rms_norm_stays_fp32_under_autocast():
+    """bf16-mixed training runs the norm under autocast: its sums must not drop to bf16."""
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(2, 5, 64) * 3, torch.randn(64) * 0.2 + 1, torch.randn(2, 5, 64)
+    results = []
+    for norm in (rms_norm, reference_rms_norm):
+        x_leaf = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x_leaf, weight, 1e-5)
+        y.backward(grad)
+        results.append((y.detach(), x_leaf.grad))
+    assert results[0][0].dtype == torch.float32
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
