@@ -246,8 +246,7 @@ class HFTokenizer(Tokenizer):
                 token = token.get("content")
             if isinstance(token, str) and raw.token_to_id(token) is not None:
                 return raw.token_to_id(token)
-            value = model_config.get(f"{name}_token_id")
-            return value[0] if isinstance(value, list) else value
+            return next(iter(_as_list(model_config.get(f"{name}_token_id"))), None)
 
         bos_id, eos_id = special_id("bos"), special_id("eos")
         if eos_id is None:
