@@ -72,3 +72,5 @@ def test_end_of_turn_ids_declared_beside_eos_stop_generation(tiny_tokenizer_dir,
     tokenizer = load_tokenizer(directory)
     assert tokenizer.eos_id == 2 == tokenizer.token_to_id("</s>")
     assert tokenizer.stop_ids == {2, 7, 9} and tokenizer.end_of_turn_ids == (7, 9)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, tokenizer.vocab_size, -1]}))
+    assert load_tokenizer(directory).stop_ids == {2, 7, 9}  # ids that name no token are dropped
