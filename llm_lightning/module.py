@@ -31,6 +31,7 @@ from llm_lightning import nf4
 from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.fsdp import FSDP2Strategy, is_sharded, shard_model
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
+from llm_lightning.lr_schedule import apply_current_rate, warmup_cosine
 from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
 from llm_lightning.model import LLaMA
 from llm_lightning.provenance import check_provenance
@@ -69,6 +70,9 @@ class LoRAFineTuner(L.LightningModule):
         # Loss terms (supervised tokens) backpropagated since the last optimizer step, this rank: a
         # tensor, so that counting adds no host-device sync per micro-batch.
         self._window_count: torch.Tensor | int = 0
+        #: The optimizer steps this fit plans, and those the checkpoint it resumed from planned.
+        self.planned_steps: int | None = None
+        self.resumed_planned_steps: int | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -184,15 +188,9 @@ class LoRAFineTuner(L.LightningModule):
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(trainable)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.warmup_steps, total_steps - 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup),
-                                                            eta_min=self.min_lr)
-        if warmup > 0:
-            linear = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
-        else:
-            scheduler = cosine
+        self.planned_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = warmup_cosine(optimizer, warmup_steps=self.warmup_steps, total_steps=self.planned_steps,
+                                  min_lr=self.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints: adapter only, with provenance and RNG state -------------------------------
@@ -211,9 +209,19 @@ class LoRAFineTuner(L.LightningModule):
         if (dtype := nf4.base_dtype(self.model)) is not None:  # what the NF4 codes were quantized from
             checkpoint["base_quant_dtype"] = str(dtype).removeprefix("torch.")
         checkpoint["model_config"] = self.model.config.to_dict()
+        checkpoint["planned_steps"] = self.planned_steps  # the budget its schedule was for
         checkpoint["rng_state"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state_all()
+
+    def on_train_start(self) -> None:
+        resumed = self.resumed_planned_steps
+        if resumed is None or resumed == self.planned_steps:
+            return
+        apply_current_rate(self.lr_schedulers())
+        if self.trainer.is_global_zero:
+            print(f"resumed at step {self.global_step} of a run planned for {resumed} optimizer steps: the "
+                  f"learning rate now follows the schedule for {self.planned_steps} (lr_schedule.py)")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = "checkpoint"
@@ -229,6 +237,7 @@ class LoRAFineTuner(L.LightningModule):
                 f"{source}: holds {len(present & expected)} of {len(expected)} trained tensors of this model "
                 f"and {len(present - expected)} others; was it trained with a different lora.r/targets?"
             )
+        self.resumed_planned_steps = checkpoint.get("planned_steps")
         if "rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["rng_state"])
         if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
