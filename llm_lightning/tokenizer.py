@@ -223,8 +223,7 @@ class HFTokenizer(Tokenizer):
         self.bos_id, self.eos_id = bos_id, eos_id
         # A declared id that names no token (a config.json written for a larger vocabulary) could
         # never be sampled, and would index past the logits when min_new_tokens masks the stop ids.
-        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.end_of_turn_ids = tuple(sorted({int(i) for i in end_of_turn_ids if 0 <= i < vocab} - {eos_id}))
+        self.end_of_turn_ids = tuple(sorted({int(i) for i in end_of_turn_ids if 0 <= i < self.vocab_size} - {eos_id}))
         self.add_bos = add_bos and bos_id is not None
         self.chat_template = chat_template
         self.pad_id = self._choose_pad(pad_id, unk_id)
