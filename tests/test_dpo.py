@@ -108,7 +108,7 @@ def test_batch_1_accumulate_4_equals_batch_4_pairs(tmp_path):
     four_by_one = first_step_gradients(tmp_path, batch_size=4, accumulate=1)
     assert one_by_four.keys() == four_by_one.keys() and one_by_four
     for name in one_by_four:
-        torch.testing.assert_close(one_by_four[name], four_by_one[name], rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(one_by_four[name], four_by_one[name], rtol=1e-5, atol=1e-7)
 
 
 def test_reference_log_probs_do_not_depend_on_the_batch(tmp_path):
