@@ -7,7 +7,9 @@ prefixes run once) and with ``generation.generate`` (stop strings). It tokenizes
 ``hf`` backend does: the tokenizer's own BOS rule, the context's trailing spaces moved into the
 continuation, and a BOS (else EOS) token standing in for an empty context. So the two give the same
 log-likelihoods on the same fp32 weights (in bf16, hf's log-softmax is rounded to bf16 and ours is
-not, so the two differ by about 1e-2). Importing this module registers the backend; it needs lm-eval.
+not, so the two differ by about 1e-2). Under ``--apply_chat_template`` the requests are rendered by
+the adapter's own chat template (else the model's, else ``template=``), with the same text as the
+``hf`` backend renders for the same template. Importing this module registers the backend; it needs lm-eval.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from llm_lightning.adapter import load_adapter
+from llm_lightning.adapter import choose_template, load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.errors import UserFacingError
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_pretrained
 from llm_lightning.loglikelihood import continuation_logprobs
 from llm_lightning.model import LLaMA
+from llm_lightning.prompts import ChatTemplateError
 from llm_lightning.settings import DType
 from llm_lightning.tokenizer import Tokenizer
 
@@ -48,14 +51,16 @@ class LLMLightningLM(TemplateLM):
     def __init__(self, model: LLaMA | None = None, tokenizer: Tokenizer | None = None, *,
                  source: str | None = None, ckpt_path: str | None = None, dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, **_lm_eval_options: Any) -> None:
+                 max_gen_toks: int = 256, template: str | None = None, **_lm_eval_options: Any) -> None:
         super().__init__()
+        checkpoint = None
         if model is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, tokenizer = load_pretrained(source, dtype=model_dtype(dtype), device=device)
             if ckpt_path:
-                load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)))
+                checkpoint = load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)))
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.template = choose_template(template, checkpoint, tokenizer)
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed 8
         self._max_length = int(max_length or model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
@@ -71,6 +76,29 @@ class LLMLightningLM(TemplateLM):
     @property
     def max_length(self) -> int:
         return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval keys its cached chat-templated requests by: the tokenizer and the template."""
+        return f"{self.tokenizer.source}|{self.template.name}".replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template source that ``--apply_chat_template`` renders with (lm-eval records it)."""
+        return self.template.source if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's turns as one prompt; without ``add_generation_prompt`` the last (prefilled
+        assistant) message is left open. A template that refuses a system message gets the turns
+        without it, as the ``hf`` backend retries."""
+        def render(messages: list[dict[str, str]]) -> str:
+            if add_generation_prompt:
+                return self.template.render(messages, add_generation_prompt=True)
+            return self.template.continuation(messages)
+
+        try:
+            return render(chat_history)
+        except ChatTemplateError:
+            return render([message for message in chat_history if message["role"] != "system"])
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """The tokenizer's own BOS rule unless told otherwise, as transformers applies it."""

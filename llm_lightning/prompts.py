@@ -171,6 +171,18 @@ class ChatTemplate:
         return render(self.source, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                       bos_token=self.bos_token, eos_token=self.eos_token)
 
+    def continuation(self, messages: list[dict[str, Any]]) -> str:
+        """``messages`` rendered up to the end of the last message's content, left open for the model
+        to go on with (a prefilled answer: transformers' ``continue_final_message``). The content's
+        trailing whitespace stays where the template kept it."""
+        text, content = self.render(messages), messages[-1]["content"]
+        at = text.rfind(content.strip()) if content.strip() else -1
+        if at < 0:
+            raise ChatTemplateError("the chat template does not render the last message's content as it is "
+                                    "given, so the text cannot stop inside that message")
+        whole = content.lstrip()
+        return text[:at + len(whole)] if text[at:at + len(whole)] == whole else text[:at + len(content.strip())]
+
     def format(self, instruction: str, input: str = "") -> str:
         """The prompt for one request, ending where the model's answer starts."""
         return self.render([user_message(instruction, input)], add_generation_prompt=True)

@@ -108,3 +108,15 @@ def test_template_errors_are_one_line():
         get_template("alpaca", tokenizer).render([{"role": "tool", "content": "{}"}])
     with pytest.raises(ChatTemplateError, match="does not compile"):
         tokenizer.apply_chat_template([], chat_template="{% for %}")
+
+
+def test_a_prefilled_answer_is_left_open_for_the_model_to_continue():
+    """``continuation`` (lm-eval's ``gen_prefix``, transformers' ``continue_final_message``): the
+    text stops inside the last message, its trailing space kept, with no end of turn after it."""
+    alpaca = get_template("alpaca", embedded_tokenizer())
+    messages = [user_message("Name a fruit."), {"role": "assistant", "content": "The fruit is "}]
+    assert alpaca.continuation(messages) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nName a fruit.\n\n### Response:\nThe fruit is ")
+    with pytest.raises(ChatTemplateError, match="cannot stop inside that message"):
+        alpaca.continuation([*messages[:1], {"role": "assistant", "content": "  "}])

@@ -79,6 +79,26 @@ def test_multiple_choice_log_likelihoods_and_accuracy_equal_the_hf_backends(back
     assert results[0]["results"]["tiny_mc"]["acc,none"] == results[1]["results"]["tiny_mc"]["acc,none"]
 
 
+def test_chat_templated_prompts_and_log_likelihoods_equal_the_hf_backends(backends, task_yaml):
+    """``--apply_chat_template``: the same rendered turns as the ``hf`` backend (a prefilled answer
+    left open), and the same requests and log-likelihoods for a task."""
+    ours, theirs = backends
+    turns = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Name a fruit."}]
+    prefilled = [*turns, {"role": "assistant", "content": "The fruit is "}]
+    assert ours.apply_chat_template(turns) == theirs.apply_chat_template(turns)
+    assert ours.apply_chat_template(turns).endswith("<|im_start|>assistant\n")
+    open_answer = ours.apply_chat_template(prefilled, add_generation_prompt=False)
+    assert open_answer == theirs.apply_chat_template(prefilled, add_generation_prompt=False)
+    assert open_answer.endswith("<|im_start|>assistant\nThe fruit is ")
+    assert ours.chat_template(True) == theirs.chat_template(True) and ours.chat_template(False) is None
+    results = [lm_eval.simple_evaluate(model=lm, tasks=[str(task_yaml)], log_samples=True, apply_chat_template=True,
+                                       limit=3) for lm in (ours, theirs)]
+    for mine, reference in zip(results[0]["samples"]["tiny_mc"], results[1]["samples"]["tiny_mc"]):
+        assert mine["arguments"] == reference["arguments"] and "<|im_start|>user" in mine["arguments"][0][0]
+        for (logprob, _), (want, _) in zip([r[0] for r in mine["resps"]], [r[0] for r in reference["resps"]]):
+            assert logprob == pytest.approx(want, abs=1e-4)
+
+
 def test_rolling_log_likelihood_over_several_windows_equals_the_hf_backends(backends):
     ours, theirs = backends
     texts = ["The quick brown fox jumps over the lazy dog, and then it runs far away into the green "
