@@ -8,12 +8,14 @@ prefixes run once) and with ``generation.generate`` (stop strings). It tokenizes
 continuation, and a BOS (else EOS) token standing in for an empty context. So the two give the same
 log-likelihoods on the same fp32 weights (in bf16, hf's log-softmax is rounded to bf16 and ours is
 not, so the two differ by about 1e-2). Under ``--apply_chat_template`` the requests are rendered by
-the adapter's own chat template (else the model's, else ``template=``), with the same text as the
-``hf`` backend renders for the same template. Importing this module registers the backend; it needs lm-eval.
+the template generate.py would use (the adapter's, else ``template=``, else the model's own), with
+the same text as the ``hf`` backend renders for the same template. Importing this module registers the backend; it needs lm-eval.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval's own backends, registered before ours: see registry.get_model)
@@ -29,7 +31,7 @@ from llm_lightning.generation import generate
 from llm_lightning.loading import load_pretrained
 from llm_lightning.loglikelihood import continuation_logprobs
 from llm_lightning.model import LLaMA
-from llm_lightning.prompts import ChatTemplateError
+from llm_lightning.prompts import ChatTemplate, ChatTemplateError
 from llm_lightning.settings import DType
 from llm_lightning.tokenizer import Tokenizer
 
@@ -51,16 +53,17 @@ class LLMLightningLM(TemplateLM):
     def __init__(self, model: LLaMA | None = None, tokenizer: Tokenizer | None = None, *,
                  source: str | None = None, ckpt_path: str | None = None, dtype: str = "float32",
                  device: str | None = None, batch_size: int | str = 8, max_length: int | None = None,
-                 max_gen_toks: int = 256, template: str | None = None, **_lm_eval_options: Any) -> None:
+                 max_gen_toks: int = 256, template: str | None = None, force_adapter_load: bool = False,
+                 **_lm_eval_options: Any) -> None:
         super().__init__()
-        checkpoint = None
+        self._checkpoint, self._template_name, self._force = None, template, bool(force_adapter_load)
         if model is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, tokenizer = load_pretrained(source, dtype=model_dtype(dtype), device=device)
             if ckpt_path:
-                checkpoint = load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)))
+                self._checkpoint = load_adapter(model, tokenizer, resolve_checkpoint(str(ckpt_path)),
+                                                force=self._force)
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.template = choose_template(template, checkpoint, tokenizer)
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> a fixed 8
         self._max_length = int(max_length or model.config.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
@@ -77,10 +80,21 @@ class LLMLightningLM(TemplateLM):
     def max_length(self) -> int:
         return self._max_length
 
+    @functools.cached_property
+    def template(self) -> ChatTemplate:
+        """The chat template of ``--apply_chat_template``: the adapter's, else ``template=``, else the
+        model's own (chosen when first asked for, so plain evaluations never depend on it)."""
+        template = choose_template(self._template_name, self._checkpoint, self.tokenizer, force=self._force)
+        if template.name == "none" and self._template_name is None:
+            raise UserFacingError(f"{self.tokenizer.source}: the tokenizer has no chat template for "
+                                  "--apply_chat_template; pass template=NAME in --model_args (alpaca, chatml, ...)")
+        return template
+
     @property
     def tokenizer_name(self) -> str:
-        """What lm-eval keys its cached chat-templated requests by: the tokenizer and the template."""
-        return f"{self.tokenizer.source}|{self.template.name}".replace("/", "__")
+        """What lm-eval keys its cached chat-templated requests by: the tokenizer and the template's text."""
+        digest = hashlib.sha256(self.template.source.encode()).hexdigest()[:12]
+        return f"{self.tokenizer.source}|{self.template.name}-{digest}".replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The template source that ``--apply_chat_template`` renders with (lm-eval records it)."""
@@ -98,7 +112,10 @@ class LLMLightningLM(TemplateLM):
         try:
             return render(chat_history)
         except ChatTemplateError:
-            return render([message for message in chat_history if message["role"] != "system"])
+            without_system = [message for message in chat_history if message["role"] != "system"]
+            if len(without_system) == len(chat_history):
+                raise
+            return render(without_system)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """The tokenizer's own BOS rule unless told otherwise, as transformers applies it."""

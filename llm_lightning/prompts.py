@@ -157,6 +157,11 @@ TOOLS_PREAMBLE = ("You can call the following functions. To call one, answer wit
                   "\"name\" and \"arguments\".\n")
 
 
+#: Put after a prefilled message's content to find where it ends in the rendered text (private-use
+#: characters that no text carries); its trailing space tells whether the template trimmed it.
+_OPEN_END = "\ue000open-end\ue000 "
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A template bound to one tokenizer's special tokens: what the prompts and examples are made of."""
@@ -173,15 +178,19 @@ class ChatTemplate:
 
     def continuation(self, messages: list[dict[str, Any]]) -> str:
         """``messages`` rendered up to the end of the last message's content, left open for the model
-        to go on with (a prefilled answer: transformers' ``continue_final_message``). The content's
-        trailing whitespace stays where the template kept it."""
-        text, content = self.render(messages), messages[-1]["content"]
-        at = text.rfind(content.strip()) if content.strip() else -1
+        to go on with (a prefilled answer: transformers' ``continue_final_message``). The content is
+        rendered with a marker after it, and the text is cut where the marker lands, so a template
+        that trims the content is followed (the cut is trimmed too) and the content is never
+        confused with the same characters elsewhere."""
+        content = messages[-1].get("content")
+        if not isinstance(content, str):
+            raise ChatTemplateError("the last message's content must be text to be continued")
+        text = self.render([*messages[:-1], {**messages[-1], "content": content + _OPEN_END}])
+        at = text.rfind(_OPEN_END.rstrip())
         if at < 0:
-            raise ChatTemplateError("the chat template does not render the last message's content as it is "
-                                    "given, so the text cannot stop inside that message")
-        whole = content.lstrip()
-        return text[:at + len(whole)] if text[at:at + len(whole)] == whole else text[:at + len(content.strip())]
+            raise ChatTemplateError("the chat template does not render the last message's content, so the "
+                                    "text cannot stop inside that message")
+        return text[:at] if text.startswith(_OPEN_END, at) else text[:at].rstrip()
 
     def format(self, instruction: str, input: str = "") -> str:
         """The prompt for one request, ending where the model's answer starts."""

@@ -8,7 +8,7 @@ import pytest
 
 from llm_lightning import load_tokenizer
 from llm_lightning.loading import embedded_tokenizer
-from llm_lightning.prompts import BUILTIN_TEMPLATES, ChatTemplateError, get_template, user_message
+from llm_lightning.prompts import BUILTIN_TEMPLATES, ChatTemplate, ChatTemplateError, get_template, user_message
 from tests.conftest import shared_file
 
 SYSTEM = {"role": "system", "content": "You answer in one sentence."}
@@ -112,11 +112,20 @@ def test_template_errors_are_one_line():
 
 def test_a_prefilled_answer_is_left_open_for_the_model_to_continue():
     """``continuation`` (lm-eval's ``gen_prefix``, transformers' ``continue_final_message``): the
-    text stops inside the last message, its trailing space kept, with no end of turn after it."""
-    alpaca = get_template("alpaca", embedded_tokenizer())
-    messages = [user_message("Name a fruit."), {"role": "assistant", "content": "The fruit is "}]
-    assert alpaca.continuation(messages) == (
+    text stops inside the last message, its trailing space kept unless the template trims it, with
+    no end of turn after it, even when the answer's characters also occur in the end of turn."""
+    tokenizer = embedded_tokenizer()
+    alpaca = get_template("alpaca", tokenizer)
+    request = user_message("Name a fruit.")
+    assert alpaca.continuation([request, {"role": "assistant", "content": "The fruit is "}]) == (
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nName a fruit.\n\n### Response:\nThe fruit is ")
+    chatml = get_template("chatml", tokenizer)
+    assert chatml.continuation([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "im"}]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nim")
+    assert chatml.continuation([{"role": "assistant", "content": "  "}]) == "<|im_start|>assistant\n  "
+    trimming = ChatTemplate("trim", "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}", "", "")
+    assert trimming.continuation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b \n"}]) == "[a][b"
+    dropping = ChatTemplate("drop", "{% for m in messages[:-1] %}{{ m['content'] }}{% endfor %}", "", "")
     with pytest.raises(ChatTemplateError, match="cannot stop inside that message"):
-        alpaca.continuation([*messages[:1], {"role": "assistant", "content": "  "}])
+        dropping.continuation([{"role": "user", "content": "a"}, {"role": "assistant", "content": "a"}])

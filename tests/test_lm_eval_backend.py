@@ -135,3 +135,21 @@ def test_harness_command_line_registers_the_backend():
     from lm_eval.api.registry import get_model
 
     assert get_model("llm_lightning") is LLMLightningLM and get_model("hf") is HFLM
+
+
+def test_chat_templating_takes_the_models_template_or_a_named_one_never_plain_text(tiny_tokenizer_dir):
+    """A tokenizer without a chat template: ``--apply_chat_template`` says to name one (the ``hf``
+    backend refuses too) rather than join the turns as plain text; a named one renders, and the
+    request cache tells templates apart."""
+    from llm_lightning import LLaMA, LLaMAConfig, load_tokenizer
+    from llm_lightning.errors import UserFacingError
+    from tests.conftest import TINY_VOCAB
+
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=TINY_VOCAB))
+    turns = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(UserFacingError, match="no chat template for --apply_chat_template; pass template=NAME"):
+        LLMLightningLM(model, tokenizer).apply_chat_template(turns)
+    alpaca = LLMLightningLM(model, tokenizer, template="alpaca")
+    assert alpaca.apply_chat_template(turns).endswith("### Instruction:\nHi\n\n### Response:\n")
+    assert alpaca.tokenizer_name != LLMLightningLM(model, tokenizer, template="llama2").tokenizer_name
