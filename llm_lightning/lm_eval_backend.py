@@ -83,9 +83,10 @@ class LLMLightningLM(TemplateLM):
     @functools.cached_property
     def template(self) -> ChatTemplate:
         """The chat template of ``--apply_chat_template``: the adapter's, else ``template=``, else the
-        model's own (chosen when first asked for, so plain evaluations never depend on it)."""
+        model's own (chosen when first asked for, so plain evaluations never depend on it). Only a
+        fallback to plain text is refused: an adapter trained with ``none`` keeps it."""
         template = choose_template(self._template_name, self._checkpoint, self.tokenizer, force=self._force)
-        if template.name == "none" and self._template_name is None:
+        if template.name == "none" and self._template_name is None and self._checkpoint is None:
             raise UserFacingError(f"{self.tokenizer.source}: the tokenizer has no chat template for "
                                   "--apply_chat_template; pass template=NAME in --model_args (alpaca, chatml, ...)")
         return template
