@@ -41,6 +41,7 @@ from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.linear import matmul_transposed
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.loss import model_nll
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -63,9 +64,10 @@ def ours(model: LLaMA, lora: LoRAConfig, *, compile: bool = False):
         for block in model.layers:
             block.compile()
     model.train()
+    buffer = LogitsBuffer()  # kept from step to step, as the LightningModule keeps it
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum, n_tokens = model_nll(model, ids, labels)
+        loss_sum, n_tokens = model_nll(model, ids, labels, logits_buffer=buffer)
         return loss_sum / n_tokens
 
     return model, loss

@@ -331,8 +331,8 @@ def packs(dtype: torch.dtype) -> bool:
     return path is not None and bool(decision(path))
 
 
-def cpu_description() -> dict[str, object]:
-    """The CPU and the settings that pick kernels: for logs and every benchmark's JSON."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's model name, family, model and flags from /proc/cpuinfo (empty where unreadable)."""
     info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
@@ -344,6 +344,19 @@ def cpu_description() -> dict[str, object]:
                     break
     except OSError:
         pass
+    return info
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as the kernel reports them (``avx2``, ``avx512_bf16``, ...), or None
+    where they cannot be read (not Linux, or not x86)."""
+    flags = _cpuinfo().get("flags")
+    return set(flags.split()) if flags else None
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU and the settings that pick kernels: for logs and every benchmark's JSON."""
+    info = _cpuinfo()
     flags = set(info.get("flags", "").split())
     isa = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vp2intersect", "amx_bf16",
                        "avx_ne_convert") if f in flags]

@@ -4,8 +4,9 @@ The model is built on the meta device (no memory), LoRA is applied, and the tabl
 parameter counts and an estimate of training memory for the chosen precision, batch and
 sequence length. The activation estimate counts the tensors autograd keeps per token and layer
 for a LoRA run with a frozen base (block input, two norm outputs, q/k/v, attention output,
-residual, four FFN intermediates, dropout masks), plus the fused head + loss's two fp32 chunk
-buffers (``linear_cross_entropy``: never the full logits) and the hidden-state gradient it keeps;
+residual, four FFN intermediates, dropout masks), plus the fused head + loss's fp32 chunk of
+logits, counted twice (``linear_cross_entropy``: never the full logits; with oneDNN's products a
+chunk's fresh logits appear while the last chunk's are still held) and the hidden-state gradient it keeps;
 with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
 
 Under ``trainer=fsdp`` (``shards`` ranks, ``fsdp.py``) each rank holds 1/shards of every weight,

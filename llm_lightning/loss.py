@@ -13,7 +13,7 @@ from torch import nn
 
 from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.linear import Linear
-from llm_lightning.linear_cross_entropy import linear_cross_entropy
+from llm_lightning.linear_cross_entropy import LogitsBuffer, linear_cross_entropy
 from llm_lightning.model import LLaMA
 
 #: How a step's summed loss is normalised (``LoRAFineTuner``): by the epoch's mean terms per step, or the window's own.
@@ -47,9 +47,11 @@ def _head_weight(model: LLaMA) -> torch.Tensor:
 
 
 def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, positions: torch.Tensor | None = None,
-              document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              document_ids: torch.Tensor | None = None,
+              logits_buffer: LogitsBuffer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, supervised positions) of ``model`` on a batch, without materialising its logits.
-    ``positions`` and ``document_ids`` come with packed rows.
+    ``positions`` and ``document_ids`` come with packed rows; a loop that calls this every step
+    passes the same ``logits_buffer`` each time (``linear_cross_entropy``).
 
     The output head is fused with the loss (``linear_cross_entropy``), which skips unsupervised
     positions and works a chunk at a time. Any other head (LoRA-adapted, quantized) has no fused
@@ -58,7 +60,8 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, po
         return token_nll(model(input_ids, positions=positions, document_ids=document_ids), labels)
     targets = next_token_targets(labels).flatten()
     hidden = model.hidden_states(input_ids, positions=positions, document_ids=document_ids).flatten(0, 1)
-    loss_sum = linear_cross_entropy(hidden, _head_weight(model), targets, ignore_index=IGNORE_INDEX)
+    loss_sum = linear_cross_entropy(hidden, _head_weight(model), targets, ignore_index=IGNORE_INDEX,
+                                    buffer=logits_buffer)
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 

@@ -32,6 +32,7 @@ from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.fsdp import FSDP2Strategy, is_sharded, shard_model
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
 from llm_lightning.lr_schedule import apply_current_rate, warmup_cosine
+from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
 from llm_lightning.model import LLaMA
 from llm_lightning.provenance import check_provenance
@@ -73,6 +74,7 @@ class LoRAFineTuner(L.LightningModule):
         #: The optimizer steps this fit plans, and those the checkpoint it resumed from planned.
         self.planned_steps: int | None = None
         self.resumed_planned_steps: int | None = None
+        self.logits_buffer = LogitsBuffer()  # the fused head's chunk of logits, kept from step to step
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -115,7 +117,7 @@ class LoRAFineTuner(L.LightningModule):
         """(summed loss, number of terms summed) of a batch: here the NLL of its supervised tokens.
         A subclass with another objective (``dpo.py``: one term per preference pair) overrides this."""
         return model_nll(self.model, batch["input_ids"], batch["labels"], positions=batch.get("positions"),
-                         document_ids=batch.get("document_ids"))
+                         document_ids=batch.get("document_ids"), logits_buffer=self.logits_buffer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self.flops_per_batch = self.flops(*batch["input_ids"].shape, backward=True)

@@ -19,6 +19,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 import torch  # noqa: E402
 
+from llm_lightning.cpu_kernels import cpu_flags  # noqa: E402
+
 # CI runs the kernel tests again with ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA lowered to AVX2.
 # Inductor's cache key leaves those out, and a decode graph compiled under AVX-512 and replayed
 # from the cache under the AVX2 limits crashed (segfault) here: each ISA setting gets its own cache.
@@ -142,16 +144,6 @@ def write_preference_pairs(path: Path, count: int = 24) -> Path:
     return path
 
 
-def _avx_flags() -> set[str] | None:
-    """The CPU's AVX-family flags (avx, avx2, avx512*, avx_vnni, ...), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next(line for line in handle if line.startswith("flags")).partition(":")[2].split()
-    except (OSError, StopIteration):
-        return None
-    return {flag for flag in flags if flag.startswith(("avx", "amx"))}
-
-
 def pytest_collection_modifyitems(config, items):
     """The README's last test stage emulates an AVX2-only CPU (``ATEN_CPU_CAPABILITY=avx2`` and
     friends). On a CPU whose AVX family ends at AVX2 (no AVX-512, AVX-VNNI, AVX-NE-CONVERT or AMX)
@@ -159,8 +151,10 @@ def pytest_collection_modifyitems(config, items):
     saying so, rather than spend CI's time on a copy. Where the flags cannot be read, it runs."""
     if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() != "avx2":
         return
-    flags = _avx_flags()
-    if flags is None or "avx2" not in flags or flags - {"avx", "avx2"}:
+    flags = cpu_flags()  # the flags cpu_kernels reads, not a reading of our own
+    if flags is None or "avx2" not in flags:
+        return
+    if {flag for flag in flags if flag.startswith(("avx", "amx"))} - {"avx", "avx2"}:  # more than AVX2
         return
     skip = pytest.mark.skip(reason="AVX2 emulation on a CPU whose AVX family ends at AVX2 is the native run, already tested")
     for item in items:

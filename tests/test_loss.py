@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from llm_lightning import LLaMA, LLaMAConfig
 from llm_lightning.data.encoding import IGNORE_INDEX
-from llm_lightning.linear_cross_entropy import linear_cross_entropy
+from llm_lightning.linear_cross_entropy import LogitsBuffer, linear_cross_entropy
 from llm_lightning.lora import LoRAConfig, apply_lora
 from llm_lightning.loss import model_nll, token_nll
 
@@ -102,3 +102,25 @@ def test_everything_ignored_is_a_zero_loss_with_zero_gradient():
     loss = linear_cross_entropy(hidden, torch.randn(20, 8), torch.full((6,), IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.abs().sum().item() == 0.0
+
+
+def test_a_kept_logits_buffer_serves_later_calls_exactly():
+    """Steps of different sizes through one ``LogitsBuffer``, as a training loop makes them: each
+    step's loss and gradient equal a fresh call's, and the buffer is reused rather than remade
+    once it is large enough."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 16, generator=generator)
+    buffer = LogitsBuffer()
+    for rows in (40, 90, 25):  # the second step outgrows the first's buffer, the third reuses it
+        hidden = torch.randn(rows, 16, generator=generator).requires_grad_()
+        targets = torch.randint(0, 300, (rows,), generator=generator)
+        targets[::3] = IGNORE_INDEX
+        expected = F.cross_entropy(F.linear(hidden, weight), targets, reduction="sum")
+        (expected_grad,) = torch.autograd.grad(expected, hidden)
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=32, buffer=buffer)
+        (grad,) = torch.autograd.grad(loss, hidden)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    first = buffer.take(32, 300, torch.device("cpu"))
+    assert buffer.take(7, 300, torch.device("cpu")).data_ptr() == first.data_ptr()
+    assert buffer.take(33, 300, torch.device("cpu")).data_ptr() != first.data_ptr()
