@@ -40,7 +40,8 @@ class DPOFineTuner(LoRAFineTuner):
 
     def _log_probs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy and reference log-probabilities of every sequence of the batch (per token for IPO)."""
-        policy, counts = sequence_log_probs(self.model, batch["input_ids"], batch["labels"])
+        policy, counts = sequence_log_probs(self.model, batch["input_ids"], batch["labels"],
+                                            logits_buffer=self.logits_buffer)
         reference = batch["reference_log_probs"]
         if self.dpo.loss_type == "ipo":
             policy, reference = policy / counts.clamp(min=1), reference / counts.clamp(min=1)

@@ -65,9 +65,11 @@ def model_nll(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *, po
     return loss_sum, (targets != IGNORE_INDEX).sum()
 
 
-def sequence_log_probs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                       logits_buffer: LogitsBuffer | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of each row's supervised tokens [B], their count [B]): what
-    preference losses compare. Fused with the head row by row, as ``model_nll`` is."""
+    preference losses compare. Fused with the head row by row, as ``model_nll`` is, every row
+    sharing ``logits_buffer`` (one is made for the call when none is given)."""
     targets = next_token_targets(labels)
     counts = (targets != IGNORE_INDEX).sum(dim=1)
     if not _has_fused_head(model):
@@ -75,6 +77,6 @@ def sequence_log_probs(model: LLaMA, input_ids: torch.Tensor, labels: torch.Tens
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         return -nll.view_as(targets).sum(dim=1), counts
     hidden = model.hidden_states(input_ids)
-    head = _head_weight(model)
-    return -torch.stack([linear_cross_entropy(row, head, target, ignore_index=IGNORE_INDEX)
+    head, buffer = _head_weight(model), logits_buffer or LogitsBuffer()
+    return -torch.stack([linear_cross_entropy(row, head, target, ignore_index=IGNORE_INDEX, buffer=buffer)
                          for row, target in zip(hidden, targets)]), counts
