@@ -13,7 +13,8 @@ compile=true`` does, in the warm-up step, and leaves theirs eager. The two sides
 warm-up over every batch that is timed (``ab_rounds``); the timed positions over the timed seconds are
 reported as tokens/s, with the median per-step ratio
 ours/theirs and its min-max, peak memory (CUDA max allocated
-per side, or the process's max RSS on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
+per side, or the process's max RSS on CPU), the process's minor page faults per step (memory
+mapped and touched anew: fresh buffers above glibc's 32 MiB mmap limit, on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
 The same FLOPs are also set against a matrix product of the model's own shapes timed on this
 device (``fraction_of_gemm_bound``): a step can go no faster than its matrix products, so that
 fraction says how much either side leaves to gain, where no nominal peak is known (CPUs). The count
@@ -165,6 +166,7 @@ def main() -> None:
     timed_batches = [data[i % len(data)] for i in range(args.steps)]
     positions = sum(ids.numel() for ids, _ in timed_batches)
     memory: dict[str, float] = {}
+    faults: dict[str, list[int]] = {name: [] for name in sides}  # minor page faults of each timed step
     report = machine(args.device)
     for name, (model, forward) in sides.items():  # warm-up: every shape that will be timed, once
         for batch in data:
@@ -176,7 +178,9 @@ def main() -> None:
         def step(index: int) -> float:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             seconds = step_time(model, forward, optimizers[name], timed_batches[index], args.device)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             memory[name] = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda")
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
             return seconds
@@ -198,7 +202,8 @@ def main() -> None:
         result[name] = {"median_step_seconds": statistics.median(times[name]), "tokens_per_sec": rate,
                         "supervised_tokens_per_sec": rate * result["supervised_fraction"],
                         "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None,
-                        "fraction_of_gemm_bound": flops_per_token * rate / gemm_rate}
+                        "fraction_of_gemm_bound": flops_per_token * rate / gemm_rate,
+                        "median_page_faults_per_step": statistics.median(faults[name])}
         if args.device.startswith("cuda"):
             peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)
             if peak:
