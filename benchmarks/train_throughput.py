@@ -203,7 +203,7 @@ def main() -> None:
                         "supervised_tokens_per_sec": rate * result["supervised_fraction"],
                         "peak_memory_gib": memory[name] if args.device.startswith("cuda") else None,
                         "fraction_of_gemm_bound": flops_per_token * rate / gemm_rate,
-                        "median_page_faults_per_step": statistics.median(faults[name])}
+                        "mean_page_faults_per_step": statistics.mean(faults[name])}
         if args.device.startswith("cuda"):
             peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in torch.cuda.get_device_name()), None)
             if peak:
