@@ -13,8 +13,9 @@ compile=true`` does, in the warm-up step, and leaves theirs eager. The two sides
 warm-up over every batch that is timed (``ab_rounds``); the timed positions over the timed seconds are
 reported as tokens/s, with the median per-step ratio
 ours/theirs and its min-max, peak memory (CUDA max allocated
-per side, or the process's max RSS on CPU), the process's minor page faults per step (memory
-mapped and touched anew: fresh buffers above glibc's 32 MiB mmap limit, on CPU) and, on CUDA, MFU from (4N + 12·L·d·T) FLOPs per token.
+per side, or the process's max RSS on CPU), each side's mean minor page faults per step (memory
+mapped and touched anew: on CPU, fresh buffers above glibc's 32 MiB mmap limit) and, on CUDA,
+MFU from (4N + 12·L·d·T) FLOPs per token.
 The same FLOPs are also set against a matrix product of the model's own shapes timed on this
 device (``fraction_of_gemm_bound``): a step can go no faster than its matrix products, so that
 fraction says how much either side leaves to gain, where no nominal peak is known (CPUs). The count
@@ -40,9 +41,9 @@ from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
 from llm_lightning.data import AlpacaDataModule
 from llm_lightning.data.encoding import IGNORE_INDEX
 from llm_lightning.linear import matmul_transposed
+from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.lora import LoRAConfig, apply_lora
-from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.loss import model_nll
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

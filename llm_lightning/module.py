@@ -30,9 +30,9 @@ from torchmetrics import MeanMetric
 from llm_lightning import nf4
 from llm_lightning.errors import CheckpointError, UserFacingError
 from llm_lightning.fsdp import FSDP2Strategy, is_sharded, shard_model
+from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.lora import LoRAConfig, is_lora_parameter
 from llm_lightning.lr_schedule import apply_current_rate, warmup_cosine
-from llm_lightning.linear_cross_entropy import LogitsBuffer
 from llm_lightning.loss import TOKEN_WEIGHTINGS, model_nll
 from llm_lightning.model import LLaMA
 from llm_lightning.provenance import check_provenance
