@@ -5,11 +5,15 @@
     python benchmarks/generate_throughput.py --quantize auto --pack                  # as generate.py by default on CPU
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
+    python benchmarks/generate_throughput.py --lora 16             # a fine-tuned model: generate.py ckpt_path=...
 
 Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
 warm-up (``ab_rounds``); the median of ``--repeats`` runs is reported per side, and the median
-per-round ratio with its min-max. On CUDA the fraction of the memory-bandwidth
-bound (weight bytes per token / HBM bandwidth) is printed too. Results go to a JSON file.
+per-round ratio with its min-max. With ``--lora R`` both sides carry the same random rank-R
+adapter on wq/wv: ours merged into the base as ``generate.py`` samples with an adapter (kept
+apart with ``--unmerged``), theirs as ``PeftModel.from_pretrained`` loads it. On CUDA the
+fraction of the memory-bandwidth bound (weight bytes per token / HBM bandwidth) is printed too.
+Results go to a JSON file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +31,8 @@ from ab_rounds import alternate, format_ratio, machine, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels, generate, load_pretrained
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.checkpoints.hf_format import transformers_twin
+from llm_lightning.checkpoints.peft_format import save_peft_adapter
+from llm_lightning.lora import LoRAConfig, apply_lora, merge_lora
 from llm_lightning.prompts import get_template
 from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
 
@@ -43,6 +51,22 @@ def build(args) -> tuple[LLaMA, object]:
     with torch.device(args.device):
         model = LLaMA(config).to(dtype).eval()
     return model, tokenizer
+
+
+def add_adapter(model: LLaMA, twin, rank: int):
+    """The same adapter on both sides, B drawn at random (a trained one is not zero); returns
+    theirs, loaded from PEFT's own files as a PEFT user would."""
+    from peft import PeftModel
+
+    apply_lora(model, LoRAConfig(r=rank, alpha=2 * rank, targets=("wq", "wv")))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_b"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    with tempfile.TemporaryDirectory() as directory:
+        save_peft_adapter(model, Path(directory), base=None)
+        return PeftModel.from_pretrained(twin, directory).eval()
 
 
 def synchronize(device: str) -> None:
@@ -84,6 +108,9 @@ def main() -> None:
                              "measured them faster here")
     parser.add_argument("--compile", action="store_true",
                         help="our side only: compiled static-shape decoding, as generate.py compile=true")
+    parser.add_argument("--lora", type=int, default=None, metavar="R",
+                        help="both sides with the same rank-R adapter on wq/wv (ours merged, as generate.py)")
+    parser.add_argument("--unmerged", action="store_true", help="with --lora: ours keeps the adapter apart")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="rounds, each side once per round (at least 5)")
     parser.add_argument("--output", default="generate_throughput.json")
@@ -92,6 +119,10 @@ def main() -> None:
     model, tokenizer = build(args)
     report = machine(args.device)
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
+    if args.lora:
+        twin = add_adapter(model, twin, args.lora)
+        if not args.unmerged:
+            merge_lora(model)  # as generate.py does when it only samples (tools/generate.py: merges_adapter)
     if args.quantize == "auto":  # generate.py's default rule on CPU (tools/generate.py: stored_in_int4)
         stored = args.device == "cpu" and cpu_kernels.decision("int4_matmul") and holds_int4_codes(model)
         args.quantize = "int4" if stored else None
@@ -114,6 +145,7 @@ def main() -> None:
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
         "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
         "our_compile": args.compile, "our_packed_weights": packed, "machine": report,
+        "adapter": args.lora and f"r{args.lora} on wq/wv, ours {'apart' if args.unmerged else 'merged'}",
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": args.new_tokens / statistics.median(times["ours"]),
         "transformers_tokens_per_sec": args.new_tokens / statistics.median(times["transformers"]),

@@ -11,8 +11,10 @@ greedy decoding of SmolLM2-135M in fp32 gets about 1.13x faster there.
 The stacked weight is built when sampling starts, and the layers' own weights become row views
 of it (their ``.data`` is pointed there), so memory does not grow; when sampling ends each
 weight gets its own storage back, so training, saving and loading see the model as it was. Only
-plain ``Linear`` layers without bias, on ordinary tensors of one dtype and device, take part:
-LoRA-adapted, quantized, packed, NF4 and FSDP-sharded layers keep their own products.
+plain ``Linear`` layers without bias, on ordinary tensors of one dtype and device, take part, and
+LoRA layers whose adapter is merged into the weight (as ``generate.py`` samples) or switched off
+(the base side of ``compare=true``): active adapters, quantized, packed, NF4 and FSDP-sharded
+layers keep their own products.
 
 Stacking and giving back run outside inference mode even when sampling runs inside it (Lightning
 validates under ``torch.inference_mode`` by default, and sample generations run there): a
@@ -30,11 +32,19 @@ from torch import nn
 
 from llm_lightning import nf4
 from llm_lightning.linear import Linear
+from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
 
 
+def _plain_product(layer: nn.Module) -> bool:
+    """Whether the layer's forward is ``linear(x, weight)`` alone: a plain ``Linear``, or a LoRA
+    layer whose adapter is merged into its weight or switched off (``lora_disabled``)."""
+    adapter_out_of_the_way = isinstance(layer, LoRALinear) and (layer.merged or layer.disabled)
+    return (type(layer) is Linear or adapter_out_of_the_way) and layer.bias is None
+
+
 def _stackable(layers: tuple[nn.Module, ...]) -> bool:
-    if not all(type(layer) is Linear and layer.bias is None for layer in layers):
+    if not all(_plain_product(layer) for layer in layers):
         return False
     weights = [layer.weight for layer in layers]
     return (all(type(w.data) is torch.Tensor and not nf4.is_nf4(w) and not w.is_inference() for w in weights)

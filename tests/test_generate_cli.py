@@ -37,7 +37,7 @@ def test_adapter_from_training_checkpoint(tmp_path):
     result = run_generate(f"ckpt_path={checkpoint}", "prompt=Give the plural form of the noun: mouse",
                           "max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "step 2, template alpaca" in result.stderr
+    assert "step 2, template alpaca, merged into the base for sampling" in result.stderr
     other = run_generate(f"ckpt_path={checkpoint}", "template=chatml", "max_new_tokens=2")
     assert other.returncode == 2 and "template=chatml is not the template the adapter was trained with (alpaca)" in (
         other.stderr)
@@ -47,6 +47,7 @@ def test_adapter_from_training_checkpoint(tmp_path):
     compared = run_generate(f"ckpt_path={checkpoint}", f"prompts_file={prompts}", "compare=true", "max_new_tokens=8")
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert compared.stdout.count("[base] ") == 2 and compared.stdout.count("[fine-tuned] ") == 2
+    assert "step 2, template alpaca]" in compared.stderr  # kept apart: the base answers switch it off
     assert "### 2. What is 2 plus 2?" in compared.stdout
 
     alpaca = tmp_path / "prompts.json"

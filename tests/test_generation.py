@@ -13,7 +13,7 @@ from llm_lightning.config import LLaMAConfig
 from llm_lightning.errors import SettingError
 from llm_lightning.fused_projections import fused_projections
 from llm_lightning.generation import _beam_search, filter_logits, generate, stream
-from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.lora import LoRAConfig, apply_lora, lora_disabled, merge_lora, unmerge_lora
 from llm_lightning.model import LLaMA
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.prompts import get_template
@@ -73,6 +73,33 @@ def test_fused_projections_compute_the_same_and_give_every_weight_back():
     assert all(torch.equal(after[name], before[name]) for name in before)
     pointers = [p.data_ptr() for p in model.parameters()]
     assert len(set(pointers)) == len(pointers) and all(p.is_contiguous() for p in model.parameters())
+
+
+def test_merged_or_switched_off_adapters_stack_and_compute_the_same():
+    # generate.py samples with the adapter merged; compare=true's base answers with it switched off.
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64)).eval()
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    for name, parameter in model.named_parameters():
+        if name.endswith("lora_b"):
+            torch.nn.init.normal_(parameter)  # a trained adapter: B no longer zero
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        adapted = model(ids)
+        with lora_disabled(model):
+            base = model(ids)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    with lora_disabled(model), fused_projections(model), torch.no_grad():
+        assert all(block.attention.fused_qkv is not None for block in model.layers)
+        torch.testing.assert_close(model(ids), base, rtol=1e-5, atol=1e-5)
+    merge_lora(model)
+    with fused_projections(model), torch.no_grad():
+        assert all(block.attention.fused_qkv is not None for block in model.layers)
+        torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    unmerge_lora(model)
+    with torch.no_grad():  # every weight given back unstacked, and the adapter apart again
+        torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
+    assert all(block.attention.wq.weight.is_contiguous() and not block.attention.wq.merged for block in model.layers)
 
 
 def test_sampling_under_inference_mode_leaves_weights_that_train():

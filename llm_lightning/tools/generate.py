@@ -14,14 +14,14 @@ import time
 
 from omegaconf import DictConfig
 
-from llm_lightning import cpu_kernels
+from llm_lightning import cpu_kernels, nf4
 from llm_lightning.adapter import choose_template, load_adapter
 from llm_lightning.data.conversations import Conversation
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.loading import load_base_model
 from llm_lightning.generation import generate as generate_batch
 from llm_lightning.generation import stream
-from llm_lightning.lora import lora_disabled
+from llm_lightning.lora import LoRALinear, lora_disabled, merge_lora
 from llm_lightning.prompt_files import read_prompts
 from llm_lightning.prompts import user_message
 from llm_lightning.quantize import can_pack_weights, holds_int4_codes, pack_weights, quantize_int4, quantize_int8
@@ -37,6 +37,15 @@ def stored_in_int4(settings: GenerateSettings, model) -> bool:
             and bool(cpu_kernels.decision("int4_matmul")) and holds_int4_codes(model))
 
 
+def merges_adapter(settings: GenerateSettings, model) -> bool:
+    """Sampling alone folds the adapter into its base weights: each adapted layer is then one
+    product, not three, and q/k/v stack into one again (``fused_projections``). Not with
+    compare=true (the base answers need the adapter apart), nor on an NF4 base (QLoRA's), which a
+    merge would make dense. Quantizing and packing merge it anyway (``replace_linear_layers``)."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    return bool(adapted) and not settings.compare and not any(nf4.is_nf4(m.weight) for m in adapted)
+
+
 def generate(cfg: DictConfig) -> list[str]:
     settings: GenerateSettings = to_settings(cfg)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
@@ -50,8 +59,12 @@ def generate(cfg: DictConfig) -> list[str]:
         checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
     template = choose_template(settings.template.value if settings.template else None, checkpoint, tokenizer,
                                force=settings.force_adapter_load)
+    merged = merges_adapter(settings, model)
+    if merged:
+        merge_lora(model)
     if checkpoint is not None:
-        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template.name}]", file=sys.stderr)
+        how = ", merged into the base for sampling" if merged else ""
+        print(f"[adapter {path}, step {checkpoint.get('global_step')}, template {template.name}{how}]", file=sys.stderr)
     quantize = settings.quantize.value if settings.quantize else None
     if quantize == "auto":
         quantize = "int4" if stored_in_int4(settings, model) else None
