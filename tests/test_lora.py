@@ -156,3 +156,36 @@ def test_logits_match_peft(tmp_path, tiny_tokenizer_dir):
     with torch.no_grad():
         difference = (model(input_ids) - peft_model(input_ids=input_ids).logits).abs().max().item()
     assert difference <= 1e-4
+
+
+def test_a_bf16_merge_keeps_the_adapter_as_well_as_bf16_products_apart():
+    """generate.py merges the adapter into weights of the model's dtype: in bf16 the update is
+    rounded into the weight, and must still stay as close to the fp32 adapted model as bf16
+    products with the adapter apart do."""
+    from llm_lightning import load_pretrained
+    from llm_lightning.loading import embedded_tokenizer
+    from llm_lightning.lora import lora_disabled
+
+    def adapted(dtype: torch.dtype) -> LLaMA:
+        model = load_pretrained(None, dtype=dtype)[0]
+        torch.manual_seed(0)
+        apply_lora(model, LoRAConfig(r=16, alpha=32, targets=("wq", "wv")))
+        randomize_lora(model)
+        return model.eval()
+
+    ids = torch.tensor([embedded_tokenizer().encode("The lighthouse keeper climbed the stairs and saw")])
+    with torch.no_grad():
+        fp32 = adapted(torch.float32)
+        reference = fp32(ids).log_softmax(-1)
+        with lora_disabled(fp32):
+            base = fp32(ids).log_softmax(-1)
+        bf16 = adapted(torch.bfloat16)
+        apart = bf16(ids).float().log_softmax(-1)
+        merge_lora(bf16)
+        merged = bf16(ids).float().log_softmax(-1)
+
+    def kl_from_reference(log_probs: torch.Tensor) -> float:
+        return float((reference.exp() * (reference - log_probs)).sum(-1).mean())
+
+    assert kl_from_reference(base) > 5 * kl_from_reference(apart)  # the adapter matters more than bf16's rounding
+    assert kl_from_reference(merged) < 1.5 * kl_from_reference(apart)
