@@ -5,7 +5,7 @@
     python benchmarks/generate_throughput.py --quantize auto --pack                  # as generate.py by default on CPU
     python benchmarks/generate_throughput.py --dtype bfloat16 --quantize int8 --their-dtype float32
     python benchmarks/generate_throughput.py --preset llama2-7b --device cuda --dtype bfloat16 --compile
-    python benchmarks/generate_throughput.py --lora 16             # a fine-tuned model: generate.py ckpt_path=...
+    python benchmarks/generate_throughput.py --lora 16   # with an adapter: generate.py ckpt_path=... quantize=null
 
 Both sides produce exactly ``--new-tokens`` tokens (EOS is suppressed), alternating A/B after a
 warm-up (``ab_rounds``); the median of ``--repeats`` runs is reported per side, and the median
@@ -55,9 +55,14 @@ def build(args) -> tuple[LLaMA, object]:
 
 def add_adapter(model: LLaMA, twin, rank: int):
     """The same adapter on both sides, B drawn at random (a trained one is not zero); returns
-    theirs, loaded from PEFT's own files as a PEFT user would."""
+    theirs, loaded from PEFT's own files as a PEFT user would. The twin shares some weights with
+    ours (``transformers_twin`` copies only what it permutes), and merging or quantizing ours
+    changes its weights in place, so the adapted layers get their own storage first."""
     from peft import PeftModel
 
+    for block in model.layers:
+        for layer in (block.attention.wq, block.attention.wv):
+            layer.weight.data = layer.weight.data.clone()
     apply_lora(model, LoRAConfig(r=rank, alpha=2 * rank, targets=("wq", "wv")))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -67,6 +72,15 @@ def add_adapter(model: LLaMA, twin, rank: int):
     with tempfile.TemporaryDirectory() as directory:
         save_peft_adapter(model, Path(directory), base=None)
         return PeftModel.from_pretrained(twin, directory).eval()
+
+
+def check_same_model(model: LLaMA, twin, prompt_ids: torch.Tensor) -> None:
+    """Both sides' next-token logits agree (before ours is quantized): the race is a fair one."""
+    with torch.no_grad():
+        ours, theirs = model.eval()(prompt_ids)[0, -1].float(), twin(prompt_ids).logits[0, -1].float()
+    gap = float((ours - theirs).abs().max())
+    if gap > 0.01 * float(ours.abs().max()):
+        raise SystemExit(f"error: our model and transformers' differ, next-token logits up to {gap:.3g} apart")
 
 
 def synchronize(device: str) -> None:
@@ -116,13 +130,21 @@ def main() -> None:
     parser.add_argument("--output", default="generate_throughput.json")
     args = parser.parse_args()
 
+    if args.lora is not None and args.lora < 1:
+        parser.error(f"--lora {args.lora}: expected a rank of 1 or more")
+    if args.unmerged and args.lora is None:
+        parser.error("--unmerged keeps an adapter apart: it needs --lora R")
+
     model, tokenizer = build(args)
     report = machine(args.device)
+    prompt = get_template("auto", tokenizer).format("Write a short story about a lighthouse keeper.")
+    prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
     twin = transformers_twin(model)  # before quantizing: transformers runs the unquantized weights
     if args.lora:
         twin = add_adapter(model, twin, args.lora)
         if not args.unmerged:
             merge_lora(model)  # as generate.py does when it only samples (tools/generate.py: merges_adapter)
+        check_same_model(model, twin, prompt_ids)
     if args.quantize == "auto":  # generate.py's default rule on CPU (tools/generate.py: stored_in_int4)
         stored = args.device == "cpu" and cpu_kernels.decision("int4_matmul") and holds_int4_codes(model)
         args.quantize = "int4" if stored else None
@@ -133,8 +155,6 @@ def main() -> None:
         pack_weights(model)
     if args.their_dtype:
         twin = twin.to(getattr(torch, args.their_dtype))
-    prompt = get_template("auto", tokenizer).format("Write a short story about a lighthouse keeper.")
-    prompt_ids = torch.tensor([tokenizer.encode(prompt)], device=args.device)
     time_ours(model, tokenizer, prompt, 16, args.device, args.compile)  # warm-up both sides (and compile)
     time_theirs(twin, prompt_ids, 16, args.device)
     times = alternate({

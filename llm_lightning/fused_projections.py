@@ -14,7 +14,9 @@ weight gets its own storage back, so training, saving and loading see the model 
 plain ``Linear`` layers without bias, on ordinary tensors of one dtype and device, take part, and
 LoRA layers whose adapter is merged into the weight (as ``generate.py`` samples) or switched off
 (the base side of ``compare=true``): active adapters, quantized, packed, NF4 and FSDP-sharded
-layers keep their own products.
+layers keep their own products. Which layers stack is decided on entry, and a stacked product
+no longer asks its layers: merge, unmerge or switch adapters off and on outside the block, never
+inside it (``lora_disabled`` must enclose the whole sampling call, a ``stream`` included).
 
 Stacking and giving back run outside inference mode even when sampling runs inside it (Lightning
 validates under ``torch.inference_mode`` by default, and sample generations run there): a

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from llm_lightning import cpu_kernels
+from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels
+from llm_lightning.lora import LoRAConfig, apply_lora
+from llm_lightning.tools.generate import merges_adapter
 from tests.train_runner import REPO, TINY, run_train
 
 
@@ -55,6 +57,20 @@ def test_adapter_from_training_checkpoint(tmp_path):
     batch = run_generate(f"ckpt_path={checkpoint}", f"prompts_file={alpaca}", "num_beams=2", "max_new_tokens=6")
     assert batch.returncode == 0, batch.stderr[-2000:]
     assert "### 1. Spell the word backwards.\n[input] river" in batch.stdout
+
+
+def test_the_adapter_is_merged_when_only_sampling_needs_it():
+    def tiny() -> LLaMA:
+        torch.manual_seed(0)
+        return LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64))
+
+    model = tiny()
+    assert not merges_adapter(model, compare=False)  # no adapter, nothing to merge
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    assert merges_adapter(model, compare=False)
+    assert not merges_adapter(model, compare=True)  # the base answers switch the adapter off
+    qlora = apply_lora(tiny(), LoRAConfig(r=2, targets=("wq", "wv"), base_quant="nf4"))
+    assert not merges_adapter(qlora, compare=False)  # a merge would make the 4-bit base dense
 
 
 def test_adapter_for_another_base_is_refused(tmp_path):

@@ -75,11 +75,12 @@ def test_fused_projections_compute_the_same_and_give_every_weight_back():
     assert len(set(pointers)) == len(pointers) and all(p.is_contiguous() for p in model.parameters())
 
 
-def test_merged_or_switched_off_adapters_stack_and_compute_the_same():
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_or_switched_off_adapters_stack_and_compute_the_same(dora):
     # generate.py samples with the adapter merged; compare=true's base answers with it switched off.
     torch.manual_seed(0)
     model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=64)).eval()
-    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv"), dora=dora))
     for name, parameter in model.named_parameters():
         if name.endswith("lora_b"):
             torch.nn.init.normal_(parameter)  # a trained adapter: B no longer zero
@@ -97,9 +98,11 @@ def test_merged_or_switched_off_adapters_stack_and_compute_the_same():
         assert all(block.attention.fused_qkv is not None for block in model.layers)
         torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
     unmerge_lora(model)
-    with torch.no_grad():  # every weight given back unstacked, and the adapter apart again
+    with torch.no_grad():  # the adapter apart again, and every weight given back its own storage
         torch.testing.assert_close(model(ids), adapted, rtol=1e-5, atol=1e-5)
-    assert all(block.attention.wq.weight.is_contiguous() and not block.attention.wq.merged for block in model.layers)
+    assert all(block.attention.fused_qkv is None and not block.attention.wq.merged for block in model.layers)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    assert len(set(pointers)) == len(pointers)
 
 
 def test_sampling_under_inference_mode_leaves_weights_that_train():

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_lightning import LLaMA, LLaMAConfig
+from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
+from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.lora import (
     LoRAConfig, LoRALinear, apply_lora, assert_only_lora_keys_missing, count_parameters,
-    load_lora_state_dict, lora_state_dict, merge_lora, unmerge_lora,
+    load_lora_state_dict, lora_disabled, lora_state_dict, merge_lora, unmerge_lora,
 )
 
 
@@ -89,8 +90,6 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores():
 
 
 def test_lora_disabled_gives_the_base_output():
-    from llm_lightning.lora import lora_disabled
-
     base = tiny()
     adapted = apply_lora(tiny(), LoRAConfig(r=4, targets=("all",)))
     randomize_lora(adapted)
@@ -162,10 +161,6 @@ def test_a_bf16_merge_keeps_the_adapter_as_well_as_bf16_products_apart():
     """generate.py merges the adapter into weights of the model's dtype: in bf16 the update is
     rounded into the weight, and must still stay as close to the fp32 adapted model as bf16
     products with the adapter apart do."""
-    from llm_lightning import load_pretrained
-    from llm_lightning.loading import embedded_tokenizer
-    from llm_lightning.lora import lora_disabled
-
     def adapted(dtype: torch.dtype) -> LLaMA:
         model = load_pretrained(None, dtype=dtype)[0]
         torch.manual_seed(0)

@@ -37,13 +37,14 @@ def stored_in_int4(settings: GenerateSettings, model) -> bool:
             and bool(cpu_kernels.decision("int4_matmul")) and holds_int4_codes(model))
 
 
-def merges_adapter(settings: GenerateSettings, model) -> bool:
-    """Sampling alone folds the adapter into its base weights: each adapted layer is then one
-    product, not three, and q/k/v stack into one again (``fused_projections``). Not with
+def merges_adapter(model, *, compare: bool) -> bool:
+    """Sampling alone folds the adapter into its base weights, as quantizing and packing always
+    did (``replace_linear_layers``): with plain fp32 or bf16 products, each adapted layer is then
+    one product, not three, and q/k/v stack into one again (``fused_projections``). Not with
     compare=true (the base answers need the adapter apart), nor on an NF4 base (QLoRA's), which a
-    merge would make dense. Quantizing and packing merge it anyway (``replace_linear_layers``)."""
+    merge would make dense."""
     adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    return bool(adapted) and not settings.compare and not any(nf4.is_nf4(m.weight) for m in adapted)
+    return bool(adapted) and not compare and not any(nf4.is_nf4(m.weight) for m in adapted)
 
 
 def generate(cfg: DictConfig) -> list[str]:
@@ -59,7 +60,7 @@ def generate(cfg: DictConfig) -> list[str]:
         checkpoint = load_adapter(model, tokenizer, path, force=settings.force_adapter_load)
     template = choose_template(settings.template.value if settings.template else None, checkpoint, tokenizer,
                                force=settings.force_adapter_load)
-    merged = merges_adapter(settings, model)
+    merged = merges_adapter(model, compare=settings.compare)
     if merged:
         merge_lora(model)
     if checkpoint is not None:
