@@ -1,4 +1,5 @@
-"""``python generate.py``: load a model (and an adapter), template the prompts, sample, print.
+"""``python generate.py``: load a model (and an adapter, merged into it when only sampling needs
+it), template the prompts, sample, print.
 
 One prompt streams as it decodes; several (``prompts_file``) are batched, and with
 ``compare=true`` the base model's answers are printed next to the fine-tuned ones; ``chat=true``
