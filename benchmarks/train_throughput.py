@@ -8,7 +8,8 @@ By default every position of a random batch is supervised; with ``--data`` the b
 ones ``train.py`` builds from that file (``AlpacaDataModule``: Alpaca template, prompt tokens
 masked, examples of similar length batched together, each batch right-padded to its longest,
 ``--seq-len`` the longest kept), the first ``--steps`` of its first epoch, the same for both sides. Each step is forward, next-token cross-entropy (each side's own loss code), backward and an AdamW step over the LoRA tensors
-(r=16 on wq/wv, i.e. q_proj/v_proj, by default); ``--compile`` compiles our blocks as ``train.py
+(r=16 on wq/wv, i.e. q_proj/v_proj, by default, with ``conf/lora``'s dropout of 0.05 on each adapter's input, as
+``train.py`` trains; ``--dropout 0`` for none); ``--compile`` compiles our blocks as ``train.py
 compile=true`` does, in the warm-up step, and leaves theirs eager. The two sides alternate step by step after a
 warm-up over every batch that is timed (``ab_rounds``); the timed positions over the timed seconds are
 reported as tokens/s, with the median per-step ratio
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default="wq,wv")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (train.py's default: 0.05)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side, alternating (at least 5)")
     parser.add_argument("--data", default=None, help="an Alpaca JSON file: time real, prompt-masked batches")
     parser.add_argument("--compile", action="store_true",
@@ -153,7 +155,7 @@ def main() -> None:
     parser.add_argument("--output", default="train_throughput.json")
     args = parser.parse_args()
 
-    lora = LoRAConfig(r=args.rank, alpha=2 * args.rank, dropout=0.0, targets=tuple(args.targets.split(",")))
+    lora = LoRAConfig(r=args.rank, alpha=2 * args.rank, dropout=args.dropout, targets=tuple(args.targets.split(",")))
     ours_model, ours_forward = ours(base_model(args), lora, compile=args.compile)
     theirs_model, theirs_forward = theirs(base_model(args), lora)
     config = ours_model.config
@@ -191,7 +193,7 @@ def main() -> None:
     supervised = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in timed_batches)
     mean_length = positions / args.steps / args.batch
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
-              "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}",
+              "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}, dropout {args.dropout}",
               "data": args.data or "random ids, all supervised", "ours_compiled": args.compile, "machine": report,
               "mean_batch_length": mean_length, "supervised_fraction": supervised / positions}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * mean_length

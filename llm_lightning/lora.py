@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_lightning import nf4
+from llm_lightning.dropout import Dropout
 from llm_lightning.linear import Linear, linear
 
 ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
@@ -88,7 +89,7 @@ class LoRALinear(Linear):
         self.dora = dora
         if dora:
             self.lora_magnitude = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # cheaper masks on CPU
         self.merged = False
         self.disabled = False  # see lora_disabled(): the base model's output, without unmerging
         self._merge_scale: torch.Tensor | None = None  # DoRA: the row scale a merge multiplied by
