@@ -13,8 +13,9 @@ of it (their ``.data`` is pointed there), so memory does not grow; when sampling
 weight gets its own storage back, so training, saving and loading see the model as it was. Only
 plain ``Linear`` layers without bias, on ordinary tensors of one dtype and device, take part, and
 LoRA layers whose adapter is merged into the weight (as ``generate.py`` samples) or switched off
-(the base side of ``compare=true``): active adapters, quantized, packed, NF4 and FSDP-sharded
-layers keep their own products. Which layers stack is decided on entry, and a stacked product
+(the base side of ``compare=true``): active adapters, NF4 and FSDP-sharded layers keep their own
+products, and a quantized or packed model has its layers stacked once, when they are rewritten
+(``quantize.replace_linear_layers``). Which layers stack is decided on entry, and a stacked product
 no longer asks its layers: merge, unmerge or switch adapters off and on outside the block, never
 inside it (``lora_disabled`` must enclose the whole sampling call, a ``stream`` included).
 
@@ -53,12 +54,12 @@ def _stackable(layers: tuple[nn.Module, ...]) -> bool:
             and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1)
 
 
-def _groups(model: LLaMA) -> Iterator[tuple[nn.Module, str, tuple[nn.Module, ...]]]:
-    """(owner, attribute that holds the stacked weight, the layers it stacks) for every block."""
+def projection_groups(model: LLaMA) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
+    """(owner, attribute that holds the stacked product, names of the layers it stacks) for every
+    block: the projections that read the same input."""
     for block in model.layers:
-        attention, feed_forward = block.attention, block.feed_forward
-        yield attention, "fused_qkv", (attention.wq, attention.wk, attention.wv)
-        yield feed_forward, "fused_w13", (feed_forward.w1, feed_forward.w3)
+        yield block.attention, "fused_qkv", ("wq", "wk", "wv")
+        yield block.feed_forward, "fused_w13", ("w1", "w3")
 
 
 @contextlib.contextmanager
@@ -68,8 +69,11 @@ def fused_projections(model: LLaMA) -> Iterator[LLaMA]:
     fused = []
     try:
         with torch.inference_mode(False), torch.no_grad():
-            for owner, attribute, layers in _groups(model):
-                if getattr(owner, attribute) is not None or not _stackable(layers):
+            for owner, attribute, names in projection_groups(model):
+                if getattr(owner, attribute) is not None:
+                    continue  # stacked already: by an enclosing block, or by a sampling-only rewrite (``quantize.py``)
+                layers = tuple(getattr(owner, name) for name in names)
+                if not _stackable(layers):
                     continue
                 stacked = torch.cat([layer.weight for layer in layers])
                 for layer, rows in zip(layers, stacked.split([layer.weight.shape[0] for layer in layers])):

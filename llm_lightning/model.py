@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)  # in fp32 as Meta does, scaled in the input dtype
 
 
+def stacked_product(x: torch.Tensor, stacked: torch.Tensor | nn.Module) -> torch.Tensor:
+    """x through several projections at once: their stacked weight, while sampling stacks them
+    (``fused_projections.py``), or the one layer a sampling-only rewrite made of them (``quantize.py``)."""
+    return linear(x, stacked) if isinstance(stacked, torch.Tensor) else stacked(x)
+
+
 def rope_inverse_frequencies(config: LLaMAConfig, device: torch.device | None = None) -> torch.Tensor:
     """Per-pair rotation speeds, with LLaMA-3.1 scaling of the low frequencies when configured."""
     half = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device)
@@ -117,8 +123,8 @@ class Attention(nn.Module):
         self.wv = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
         self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        #: wq, wk and wv stacked, while sampling stacks them (``fused_projections.py``).
-        self.fused_qkv: torch.Tensor | None = None
+        #: wq, wk and wv as one product (``stacked_product``); a sampling-only model holds only this.
+        self.fused_qkv: torch.Tensor | nn.Module | None = None
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor, mask: torch.Tensor | PrefixSegments | None,
                 start_pos: int | torch.Tensor) -> torch.Tensor:
@@ -126,7 +132,8 @@ class Attention(nn.Module):
         if self.fused_qkv is not None:
             # q's and k's columns are adjacent in the stacked product, so one rotation serves both.
             heads = self.n_heads + self.n_kv_heads
-            qk, v = linear(x, self.fused_qkv).split([heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            qkv = stacked_product(x, self.fused_qkv)
+            qk, v = qkv.split([heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
             qk = apply_rope(qk.view(batch, seq_len, heads, self.head_dim), rotations)
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
         else:
@@ -156,12 +163,12 @@ class FeedForward(nn.Module):
         self.w1 = Linear(config.dim, hidden, bias=False)
         self.w2 = Linear(hidden, config.dim, bias=False)
         self.w3 = Linear(config.dim, hidden, bias=False)
-        #: w1 and w3 stacked, while sampling stacks them (``fused_projections.py``).
-        self.fused_w13: torch.Tensor | None = None
+        #: w1 and w3 as one product (``stacked_product``); a sampling-only model holds only this.
+        self.fused_w13: torch.Tensor | nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_w13 is not None:
-            gate, up = linear(x, self.fused_w13).chunk(2, dim=-1)
+            gate, up = stacked_product(x, self.fused_w13).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
         return self.w2(F.silu(gate) * up)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_lightning import cpu_kernels, nf4
+from llm_lightning.fused_projections import projection_groups
 from llm_lightning.linear import PackedLinear
 from llm_lightning.lora import LoRALinear
 from llm_lightning.model import LLaMA
@@ -122,19 +123,37 @@ def replace_linear_layers(model: LLaMA, make: Callable[[torch.Tensor], nn.Module
 
     LoRA layers are merged first and go to ``make_adapted`` (default ``make``); NF4 weights (a
     QLoRA base) are dequantized to the values they stand for; the head goes to
-    ``make_head`` (default ``make``), a tied one gets its own copy and the lookup keeps the table."""
+    ``make_head`` (default ``make``), a tied one gets its own copy and the lookup keeps the table.
+
+    The projections that read the same input (q/k/v, and w1/w3: ``projection_groups``) become one
+    layer made from their stacked weights, when one factory makes all of them: each output row is
+    computed as it would be alone, and a decoded token makes 4 calls per block instead of 7. On a
+    2-core Zen 3 EPYC, where the int4 products are under half of a token's time, a token of
+    SmolLM2-135M took 36 ms instead of 41 (median of 14 alternating rounds). The stacked layer is
+    the block's ``fused_qkv`` or ``fused_w13``; the layers' own names then hold None."""
+    def factory(child: nn.Module) -> Callable[[torch.Tensor], nn.Module]:
+        if child is model.output:
+            return make_head or make
+        return (make_adapted or make) if isinstance(child, LoRALinear) else make
+
+    def sampling_weight(name: str, child: nn.Linear) -> torch.Tensor:
+        if child.bias is not None:
+            raise ValueError(f"{name}: sampling layers have no bias; LLaMA linear layers have none")
+        if isinstance(child, LoRALinear):
+            child.merge()
+        return nf4.dequantize(child.weight)
+
+    for owner, attribute, names in projection_groups(model):
+        layers = [getattr(owner, name) for name in names]
+        makers = {factory(layer) for layer in layers}
+        if getattr(owner, attribute) is None and all(isinstance(m, nn.Linear) for m in layers) and len(makers) == 1:
+            setattr(owner, attribute, makers.pop()(torch.cat([sampling_weight(n, m) for n, m in zip(names, layers)])))
+            for name in names:
+                setattr(owner, name, None)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                factory = make
-                if isinstance(child, LoRALinear):
-                    child.merge()
-                    factory = make_adapted or make
-                if child is model.output:
-                    factory = make_head or make
-                if child.bias is not None:
-                    raise ValueError(f"{name}: sampling layers have no bias; LLaMA linear layers have none")
-                setattr(module, name, factory(nf4.dequantize(child.weight)))
+                setattr(module, name, factory(child)(sampling_weight(name, child)))
     if model.output is None:
         model.output = (make_head or make)(model.tok_embeddings.weight)
     return model

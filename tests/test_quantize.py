@@ -59,7 +59,11 @@ def test_quantize_replaces_every_linear_and_merges_the_adapter(tied):
     model, ids, expected, n_linear = adapted_tiny_model(tied=tied, targets=("all",))
     quantize_int8(model)
     assert not any(isinstance(m, (nn.Linear, LoRALinear)) for m in model.modules())
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear
+    # q/k/v and w1/w3 are one layer each, in the slots the model's forward reads
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == n_linear - 3 * model.config.n_layers
+    for block in model.layers:
+        assert isinstance(block.attention.fused_qkv, Int8Linear) and isinstance(block.feed_forward.fused_w13, Int8Linear)
+        assert block.attention.wq is block.attention.wk is block.attention.wv is block.feed_forward.w1 is None
     with torch.no_grad():
         logits = model(ids)
     relative = (logits - expected).norm() / expected.norm()
@@ -154,7 +158,10 @@ def test_int4_keeps_adapted_layers_and_the_head_in_int8():
     modules = dict(model.named_modules())
     int4 = [m for m in modules.values() if isinstance(m, Int4Linear)]
     assert all(isinstance(modules[name], Int8Linear) for name in merged) and isinstance(model.output, Int8Linear)
-    assert len(int4) + len(merged) + 1 == n_linear and int4
+    # q/k/v mix int8 and int4 and stay apart; w1/w3 are one int4 layer
+    assert all(isinstance(block.feed_forward.fused_w13, Int4Linear) for block in model.layers)
+    assert all(block.attention.fused_qkv is None for block in model.layers)
+    assert len(int4) + len(merged) + 1 == n_linear - model.config.n_layers and int4
     for name, weight in merged.items():
         step = weight.abs().amax(dim=1, keepdim=True) / 127
         assert ((modules[name].dequantized() - weight).abs() <= 0.501 * step).all()
@@ -179,12 +186,32 @@ def test_packed_weights_give_the_plain_logits(dtype, tied):
     expected = expected.float()
     pack_weights(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linear
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linear - 3 * model.config.n_layers
     with torch.no_grad():
         logits = model(ids).float()
     # fp32: summation order only; bf16: the merged adapter is rounded into the bf16 weights
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(logits, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+
+def stacked_rows_cases():
+    """(name, sampling layer factory) for every rewrite this CPU runs with its own kernel."""
+    yield "int8", Int8Linear
+    if cpu_kernels.decision("int4_matmul"):
+        yield "int4", Int4Linear
+    if cpu_kernels.onednn_supported(torch.float32):
+        yield "packed fp32", PackedLinear
+
+
+@pytest.mark.parametrize("name, make", list(stacked_rows_cases()))
+def test_a_stacked_sampling_layer_computes_each_projection_as_it_would_alone(name, make):
+    """What ``replace_linear_layers`` relies on when it makes one layer of q/k/v or w1/w3."""
+    generator = torch.Generator().manual_seed(5)
+    weights = [q4_1_like_weight(rows, 96, seed=rows)[0] for rows in (48, 16, 32)]
+    x = torch.randn(1, 3, 96, generator=generator)
+    alone = torch.cat([make(weight)(x) for weight in weights], dim=-1)
+    # the same codes, scales and sums: equal on a Zen 3 (AVX2); a kernel may block rows differently elsewhere
+    torch.testing.assert_close(make(torch.cat(weights))(x), alone, rtol=1e-6, atol=1e-6 * alone.abs().max().item())
 
 
 def test_embedded_model_with_packed_bf16_weights_writes_the_same_text():
