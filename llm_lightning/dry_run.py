@@ -3,8 +3,9 @@
 The model is built on the meta device (no memory), LoRA is applied, and the table shows exact
 parameter counts and an estimate of training memory for the chosen precision, batch and
 sequence length. The activation estimate counts the tensors autograd keeps per token and layer
-for a LoRA run with a frozen base (block input, two norm outputs, q/k/v, attention output,
-residual, four FFN intermediates, dropout masks), plus the fused head + loss's fp32 chunk of
+for a LoRA run with a frozen base (the two norms' inputs, q/k/v, attention's output, three FFN
+intermediates, and each adapter's input, rank-r intermediate and one-byte dropout mask: what a
+saved-tensors hook counts in a real step, to 0.3%), plus the fused head + loss's fp32 chunk of
 logits, counted twice (``linear_cross_entropy``: never the full logits; with oneDNN's products a
 chunk's fresh logits appear while the last chunk's are still held) and the hidden-state gradient it keeps;
 with activation checkpointing only block inputs are kept, plus one block recomputed at a time.
@@ -38,17 +39,26 @@ GIB = 2**30
 
 def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act_bytes: int,
                       checkpointing: bool, device_type: str) -> float:
-    d, kv = config.dim, config.kv_heads * config.head_dim
-    dropout_masks = len(lora.targets) * d if lora.dropout > 0 else 0
-    widths = {"wq": d, "wk": kv, "wv": kv, "wo": d, "w1": config.ffn_hidden_dim, "w2": d, "w3": config.ffn_hidden_dim}
-    dora_outputs = sum(widths.get(t, 0) for t in lora.targets) if lora.dora else 0
-    per_layer = 6 * d + 2 * kv + 4 * config.ffn_hidden_dim + dropout_masks + dora_outputs
+    d, kv, ffn = config.dim, config.kv_heads * config.head_dim, config.ffn_hidden_dim
+    inputs = {"wq": d, "wk": d, "wv": d, "wo": d, "w1": d, "w2": ffn, "w3": d}
+    outputs = {"wq": d, "wk": kv, "wv": kv, "wo": d, "w1": ffn, "w2": d, "w3": ffn}
+    adapted = [t for t in lora.targets if t in inputs]
+    # the two norms' inputs; q, k, v and attention's output; the gate, the up projection and the gate's silu
+    frozen_path = 4 * d + 2 * kv + 3 * ffn
+    # each adapter keeps its input (its own dropped-out copy, or one shared by the adapters that
+    # read the same tensor) and its rank-r intermediate; DoRA its output too
+    reads = {"wq": "x", "wk": "x", "wv": "x", "wo": "attention", "w1": "h", "w3": "h", "w2": "gated"}
+    kept_inputs = (sum(inputs[t] for t in adapted) if lora.dropout > 0
+                   else sum({reads[t]: inputs[t] for t in adapted}.values()))
+    adapters = kept_inputs + sum(lora.r + (outputs[t] if lora.dora else 0) for t in adapted)
+    masks = sum(inputs[t] for t in adapted) if lora.dropout > 0 else 0  # bool: one byte each
+    per_layer = (frozen_path + adapters) * act_bytes + masks
     if checkpointing:
-        blocks = config.n_layers * d + per_layer
+        blocks = config.n_layers * d * act_bytes + per_layer
     else:
         blocks = config.n_layers * per_layer
     head_and_loss = 2 * min(tokens * config.vocab_size * 4, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]))
-    return tokens * (blocks + d) * act_bytes + head_and_loss
+    return tokens * (blocks + d * act_bytes) + head_and_loss
 
 
 def _parameter_bytes(module: torch.nn.Module, frozen_bytes: int) -> int:

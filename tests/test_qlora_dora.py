@@ -13,6 +13,8 @@ import torch
 
 from llm_lightning import LLaMA, LLaMAConfig, nf4
 from llm_lightning.dry_run import estimate
+from llm_lightning.linear_cross_entropy import CHUNK_BYTES
+from llm_lightning.loss import model_nll
 from llm_lightning.lora import (
     LoRAConfig, LoRALinear, apply_lora, count_parameters, load_lora_state_dict, lora_config_of, lora_disabled,
     lora_state_dict,
@@ -204,6 +206,34 @@ def test_dry_run_estimate_matches_the_measured_cpu_peak_of_qlora(tmp_path):
                    cwd=REPO, check=True, capture_output=True, timeout=600)
     row = json.loads(output.read_text())["rows"][0]
     assert abs(row["estimate_error"]) <= 0.15, row
+
+
+@pytest.mark.parametrize("targets, dropout, dora", [(("wq", "wv"), 0.05, False), (("all",), 0.05, True),
+                                                     (("wq", "w2"), 0.0, False)])
+def test_dry_run_activations_are_the_tensors_autograd_keeps(targets, dropout, dora):
+    """Every tensor a LoRA step saves for its backward, counted by a saved-tensors hook, against the
+    estimate less the loss's logit chunks (which are buffers, not saved tensors)."""
+    config = LLaMAConfig.from_name("smollm2-135m", n_layers=2)
+    lora = LoRAConfig(r=8, targets=targets, dropout=dropout, dora=dora)
+    torch.manual_seed(0)
+    model = LLaMA(config)
+    apply_lora(model, lora)
+    ids = torch.randint(0, config.vocab_size, (2, 64))
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model_nll(model, ids, ids)
+    estimated = estimate(config, lora, precision=Precision.parse("32-true"), batch_size=2, seq_len=64,
+                         checkpointing=False, device_type="cpu")
+    chunks = 2 * min(2 * 64 * config.vocab_size * 4, CHUNK_BYTES["cpu"])
+    assert sum(kept.values()) == pytest.approx(estimated["memory"]["activations"] - chunks, rel=0.02)
 
 
 def test_an_nf4_base_is_requantized_from_the_dtype_training_quantized_it_in():
