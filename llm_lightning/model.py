@@ -109,9 +109,10 @@ class KVCache(nn.Module):
         end = start_pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
-        self.k[:batch, :, start_pos:end] = k
-        self.v[:batch, :, start_pos:end] = v
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+        keys, values = (self.k, self.v) if batch == self.k.shape[0] else (self.k[:batch], self.v[:batch])
+        keys.narrow(2, start_pos, k.shape[2]).copy_(k)
+        values.narrow(2, start_pos, k.shape[2]).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 class Attention(nn.Module):

@@ -8,8 +8,8 @@ out is one dot product per row and two elementwise passes:
     g = grad * weight,  dx = rstd * g - x * (rstd^3 / dim) * sum(g * x)
 
 which made a LoRA training step of SmolLM2-135M about 4% faster there. Without gradients (sampling)
-the norm is ``F.rms_norm`` with the weight, one call per norm: batch-1 decoding runs 61 of them
-per token. Under ``torch.compile`` the plain ops are left to inductor, which fuses them itself.
+the fp32 norm is written in as few operations as it takes (``_sampling_rms_norm``): batch-1
+decoding runs 61 of them per token. Under ``torch.compile`` the plain ops are left to inductor, which fuses them itself.
 """
 
 from __future__ import annotations
@@ -53,5 +53,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
     if x.dtype == weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+        return _sampling_rms_norm(x, weight, eps)
     return reference_rms_norm(x, weight, eps)
+
+
+def _sampling_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The fp32 norm without gradients in five operations, where ``F.rms_norm`` dispatches ten
+    (pow, mean as sum and divide, add, rsqrt, two products, and the calls around them): mean(x^2)
+    + eps is eps + ||x||^2 / dim in one ``addcmul``. Decoding a token runs 61 norms on one row
+    each, whose cost is all in dispatch."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    inverse_rms = torch.addcmul(norm.new_full((), eps), norm, norm, value=1 / x.shape[-1]).rsqrt_()
+    return torch.mul(x, inverse_rms).mul_(weight)
