@@ -58,10 +58,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _sampling_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The fp32 norm without gradients in five operations, where ``F.rms_norm`` dispatches ten
-    (pow, mean as sum and divide, add, rsqrt, two products, and the calls around them): mean(x^2)
-    + eps is eps + ||x||^2 / dim in one ``addcmul``. Decoding a token runs 61 norms on one row
-    each, whose cost is all in dispatch."""
+    """The fp32 norm without gradients as one norm, one ``addcmul`` and two products: mean(x^2)
+    + eps is eps + ||x||^2 / dim. ``F.rms_norm``'s composite calls about ten operators per norm
+    (pow, mean as sum and divide, add, rsqrt, two products and the wrappers), and decoding a token
+    runs 61 norms on one row each, whose cost is in the calls, not the arithmetic."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     inverse_rms = torch.addcmul(norm.new_full((), eps), norm, norm, value=1 / x.shape[-1]).rsqrt_()
     return torch.mul(x, inverse_rms).mul_(weight)
