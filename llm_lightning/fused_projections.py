@@ -17,7 +17,9 @@ LoRA layers whose adapter is merged into the weight (as ``generate.py`` samples)
 products, and a quantized or packed model has its layers stacked once, when they are rewritten
 (``quantize.replace_linear_layers``). Which layers stack is decided on entry, and a stacked product
 no longer asks its layers: merge, unmerge or switch adapters off and on outside the block, never
-inside it (``lora_disabled`` must enclose the whole sampling call, a ``stream`` included).
+inside it. A LoRA layer knows while it is stacked (``LoRALinear.stacked``) and refuses to merge or
+unmerge then, and ``lora_disabled`` raises when it ends inside the block (a ``stream`` begun
+inside it and left unfinished), rather than letting sampling go on without the adapter.
 
 Stacking and giving back run outside inference mode even when sampling runs inside it (Lightning
 validates under ``torch.inference_mode`` by default, and sample generations run there): a
@@ -54,6 +56,13 @@ def _stackable(layers: tuple[nn.Module, ...]) -> bool:
             and len({(w.dtype, w.device, w.shape[1]) for w in weights}) == 1)
 
 
+def _mark_stacked(layers: tuple[nn.Module, ...], stacked: bool) -> None:
+    """Tell the LoRA layers among ``layers`` that a stacked product computes them (see ``LoRALinear.stacked``)."""
+    for layer in layers:
+        if isinstance(layer, LoRALinear):
+            layer.stacked = stacked
+
+
 def projection_groups(model: LLaMA) -> Iterator[tuple[nn.Module, str, tuple[str, ...]]]:
     """(owner, attribute that holds the stacked product, names of the layers it stacks) for every
     block: the projections that read the same input."""
@@ -80,6 +89,7 @@ def fused_projections(model: LLaMA) -> Iterator[LLaMA]:
                     layer.weight.data = rows
                 setattr(owner, attribute, stacked)
                 fused.append((owner, attribute, layers))
+                _mark_stacked(layers, True)
         yield model
     finally:
         with torch.inference_mode(False), torch.no_grad():
@@ -87,3 +97,4 @@ def fused_projections(model: LLaMA) -> Iterator[LLaMA]:
                 for layer in layers:
                     layer.weight.data = layer.weight.data.clone()
                 setattr(owner, attribute, None)
+                _mark_stacked(layers, False)

@@ -92,6 +92,9 @@ class LoRALinear(Linear):
         self.lora_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()  # cheaper masks on CPU
         self.merged = False
         self.disabled = False  # see lora_disabled(): the base model's output, without unmerging
+        #: Set while sampling computes this layer inside a stacked product (``fused_projections``),
+        #: which reads the weight alone: the adapter may then not be switched on, merged or unmerged.
+        self.stacked = False
         self._merge_scale: torch.Tensor | None = None  # DoRA: the row scale a merge multiplied by
         self.reset_lora_parameters()
 
@@ -150,6 +153,7 @@ class LoRALinear(Linear):
         for good: ``unmerge`` leaves it dense (merging is for export and sampling, never training)."""
         if self.disabled:
             raise RuntimeError("cannot merge a LoRA layer while it is disabled")
+        self._refuse_if_stacked("merge")
         if self.merged:
             return
         if nf4.is_nf4(self.weight):
@@ -167,12 +171,18 @@ class LoRALinear(Linear):
     def unmerge(self) -> None:
         if not self.merged:
             return
+        self._refuse_if_stacked("unmerge")
         if self.dora:
             scale = self._merge_scale[:, None]
             self.weight.copy_((self.weight.to(scale.dtype) / scale - self.delta_weight()).to(self.weight.dtype))
         else:
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
         self.merged = False
+
+    def _refuse_if_stacked(self, action: str) -> None:
+        if self.stacked:
+            raise RuntimeError(f"cannot {action} a LoRA adapter while sampling computes its layer in a stacked "
+                               "product (fused_projections); expected the change before or after sampling")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}{', dora' if self.dora else ''}"
@@ -272,6 +282,11 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.disabled = False
+    if any(layer.stacked for layer in layers):
+        # Sampling that began inside this block (a ``stream`` left unfinished) still runs the base
+        # weights alone: it would go on answering without the adapter that is now on again.
+        raise RuntimeError("lora_disabled() ended while a sampling call that began inside it is still running "
+                           "(an unfinished stream?); expected it to enclose the whole sampling call")
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -105,6 +105,31 @@ def test_merged_or_switched_off_adapters_stack_and_compute_the_same(dora):
     assert len(set(pointers)) == len(pointers)
 
 
+def test_adapter_changes_while_its_layer_is_stacked_are_refused():
+    """A stacked product reads the weights alone: switching the adapter back on (a stream begun
+    inside lora_disabled and left unfinished), or unmerging it, mid-sampling would go on without it."""
+    torch.manual_seed(0)
+    tokenizer = embedded_tokenizer()
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)).eval()
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    with pytest.raises(RuntimeError, match="lora_disabled\\(\\) ended while a sampling call"):
+        with lora_disabled(model):
+            pieces = stream(model, tokenizer, "Hello", max_new_tokens=8)
+            next(pieces)
+    assert not model.layers[0].attention.wq.disabled  # the adapter is on again, as the block promised
+    pieces.close()  # the stream ends: the weights are given back, the layers no longer stacked
+    assert not any(m.stacked for m in model.modules() if hasattr(m, "stacked"))
+    with lora_disabled(model):  # a stream that ends inside the block is fine, and answers as the base model
+        streamed = "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
+        assert streamed == generate(model, tokenizer, "Hello", max_new_tokens=4)
+    merge_lora(model)
+    with fused_projections(model):
+        with pytest.raises(RuntimeError, match="cannot unmerge a LoRA adapter while sampling"):
+            unmerge_lora(model)
+    unmerge_lora(model)
+    assert not model.layers[0].attention.wq.merged
+
+
 def test_sampling_under_inference_mode_leaves_weights_that_train():
     # Lightning validates under inference mode, and sample generations run there, between training steps.
     torch.manual_seed(0)
