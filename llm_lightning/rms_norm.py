@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _sampling_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The fp32 norm without gradients as one norm, one ``addcmul`` and two products: mean(x^2)
+    """The fp32 norm without gradients as a norm, an ``addcmul``, an rsqrt and two products: mean(x^2)
     + eps is eps + ||x||^2 / dim. ``F.rms_norm``'s composite calls about ten operators per norm
     (pow, mean as sum and divide, add, rsqrt, two products and the wrappers), and decoding a token
     runs 61 norms on one row each, whose cost is in the calls, not the arithmetic."""
