@@ -5,7 +5,7 @@ parameter counts and an estimate of training memory for the chosen precision, ba
 sequence length. The activation estimate counts the tensors autograd keeps per token and layer
 for a LoRA run with a frozen base (the two norms' inputs, q/k/v, attention's output, three FFN
 intermediates, and each adapter's input, rank-r intermediate and one-byte dropout mask: what a
-saved-tensors hook counts in a real step, to 0.3% with dropout and up to 6% over without it),
+saved-tensors hook counts in a real step, to 0.3%),
 plus the fused head + loss's fp32 chunk of logits, counted twice (``linear_cross_entropy``:
 never the full logits; with oneDNN's products a
 chunk's fresh logits appear while the last chunk's are still held) and the hidden-state gradient it keeps;
@@ -50,7 +50,10 @@ def _activation_bytes(config: LLaMAConfig, lora: LoRAConfig, *, tokens: int, act
     # read the same tensor) and its rank-r intermediate; DoRA its output too
     reads = {"wq": "x", "wk": "x", "wv": "x", "wo": "attention", "w1": "h", "w3": "h", "w2": "gated"}
     own_inputs = sum(inputs[t] for t in adapted)
-    kept_inputs = own_inputs if lora.dropout > 0 else sum({reads[t]: inputs[t] for t in adapted}.values())
+    # Without dropout wo reads attention's output itself (SDPA returns it laid out so that the
+    # reshape is a view), which the frozen path already counts.
+    shared = {reads[t]: inputs[t] for t in adapted if reads[t] != "attention"}
+    kept_inputs = own_inputs if lora.dropout > 0 else sum(shared.values())
     adapters = kept_inputs + sum(lora.r + (outputs[t] if lora.dora else 0) for t in adapted)
     masks = own_inputs if lora.dropout > 0 else 0  # bool: one byte each
     per_layer = (frozen_path + adapters) * act_bytes + masks

@@ -209,7 +209,7 @@ def test_dry_run_estimate_matches_the_measured_cpu_peak_of_qlora(tmp_path):
 
 
 @pytest.mark.parametrize("targets, dropout, dora", [(("wq", "wv"), 0.05, False), (("all",), 0.05, True),
-                                                     (("wq", "w2"), 0.0, False)])
+                                                     (("wq", "w2"), 0.0, False), (("all",), 0.0, False)])
 def test_dry_run_activations_are_the_tensors_autograd_keeps(targets, dropout, dora):
     """Every tensor a LoRA step saves for its backward, counted by a saved-tensors hook, against the
     estimate less the loss's logit chunks (which are buffers, not saved tensors)."""
