@@ -271,18 +271,19 @@ def assert_only_base_keys_missing(missing: Iterable[str], unexpected: Iterable[s
 
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone (for base-vs-tuned comparisons) without a second copy in memory."""
+    """Run the base model alone (for base-vs-tuned comparisons) without a second copy in memory; blocks nest."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if any(m.merged for m in layers):
         raise RuntimeError("unmerge the adapter before disabling it")
+    before = [layer.disabled for layer in layers]  # an enclosing lora_disabled() stays in force
     for layer in layers:
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
-    if any(layer.stacked for layer in layers):
+        for layer, disabled in zip(layers, before):
+            layer.disabled = disabled
+    if any(layer.stacked and not layer.disabled for layer in layers):
         # Sampling that began inside this block (a ``stream`` left unfinished) still runs the base
         # weights alone: it would go on answering without the adapter that is now on again.
         raise RuntimeError("lora_disabled() ended while a sampling call that began inside it is still running "

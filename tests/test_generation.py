@@ -122,6 +122,13 @@ def test_adapter_changes_while_its_layer_is_stacked_are_refused():
     with lora_disabled(model):  # a stream that ends inside the block is fine, and answers as the base model
         streamed = "".join(stream(model, tokenizer, "Hello", max_new_tokens=4))
         assert streamed == generate(model, tokenizer, "Hello", max_new_tokens=4)
+        pieces = stream(model, tokenizer, "Hello", max_new_tokens=8)
+        next(pieces)
+        with lora_disabled(model):  # nested: leaving the inner block keeps the outer one in force
+            pass
+        assert model.layers[0].attention.wq.disabled
+        pieces.close()
+    assert not model.layers[0].attention.wq.disabled
     merge_lora(model)
     with fused_projections(model):
         with pytest.raises(RuntimeError, match="cannot unmerge a LoRA adapter while sampling"):
