@@ -28,6 +28,11 @@ def machine(device: str) -> dict[str, object]:
     return report
 
 
+def shapes_decided() -> dict[str, object]:
+    """The weight shapes whose one-row products ``cpu_kernels`` decided while a benchmark ran."""
+    return {"onednn_fp32_vector_shapes": cpu_kernels.report()["onednn_fp32_vector_shapes"]}
+
+
 def alternate(sides: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:
     """Call each side once per round, in turn (``side(round_index)`` returns a time in seconds)."""
     if rounds < MIN_ROUNDS:

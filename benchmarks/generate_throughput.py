@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ab_rounds import alternate, format_ratio, machine, speed_ratio
+from ab_rounds import alternate, format_ratio, machine, shapes_decided, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, cpu_kernels, generate, load_pretrained
 from llm_lightning.loading import embedded_tokenizer
 from llm_lightning.checkpoints.hf_format import transformers_twin
@@ -164,7 +164,8 @@ def main() -> None:
     result = {
         "model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
         "their_dtype": args.their_dtype or args.dtype, "our_quantization": args.quantize,
-        "our_compile": args.compile, "our_packed_weights": packed, "machine": report,
+        "our_compile": args.compile, "our_packed_weights": packed,
+        "machine": {**report, **shapes_decided()},
         "adapter": args.lora and f"r{args.lora} on wq/wv, ours {'apart' if args.unmerged else 'merged'}",
         "new_tokens": args.new_tokens, "prompt_tokens": prompt_ids.shape[1],
         "ours_tokens_per_sec": args.new_tokens / statistics.median(times["ours"]),

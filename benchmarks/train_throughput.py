@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from ab_rounds import alternate, format_ratio, machine, speed_ratio
+from ab_rounds import alternate, format_ratio, machine, shapes_decided, speed_ratio
 from llm_lightning import LLaMA, LLaMAConfig, load_pretrained
 from llm_lightning.checkpoints.hf_format import transformers_twin
 from llm_lightning.checkpoints.hf_format import PEFT_TARGETS
@@ -194,7 +194,8 @@ def main() -> None:
     mean_length = positions / args.steps / args.batch
     result = {"model": args.preset or "smollm2-135m (embedded)", "device": args.device, "dtype": args.dtype,
               "batch": args.batch, "seq_len": args.seq_len, "lora": f"r{args.rank} on {args.targets}, dropout {args.dropout}",
-              "data": args.data or "random ids, all supervised", "ours_compiled": args.compile, "machine": report,
+              "data": args.data or "random ids, all supervised", "ours_compiled": args.compile,
+              "machine": {**report, **shapes_decided()},
               "mean_batch_length": mean_length, "supervised_fraction": supervised / positions}
     flops_per_token = 4 * matmul_parameters(ours_model) + 12 * config.n_layers * config.dim * mean_length
     gemm_rate = gemm_flops_per_second(config, args.batch * args.seq_len, getattr(torch, args.dtype), args.device)

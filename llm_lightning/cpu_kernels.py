@@ -14,7 +14,9 @@ So each path here is a private op called in one place, and it is used only after
 - a trial call on a tiny case succeeded and matched the portable op within a stated tolerance, and,
 - where it competes with an exact portable op, a measurement on this machine found it at least
   ``MIN_SPEEDUP`` faster, in its shape class: products of many rows (training, prompts) and of few
-  rows (decoding one token per sequence) are measured apart, as they favour different kernels.
+  rows (decoding one token per sequence) are measured apart, as they favour different kernels,
+  and products of few rows per weight shape, as oneDNN's and MKL's one-row kernels trade places
+  with the number of outputs (``vector_decision``).
 
 Decisions are made once per process, lazily, from speeds measured once per machine
 (``kernel_cache``); ``describe()`` is the one log line that says them.
@@ -43,8 +45,15 @@ SWITCH = "LLM_LIGHTNING_FAST_KERNELS"
 #: Zen 5). Noisy timings near it no longer flip the choice between processes: see ``kernel_cache``.
 MIN_SPEEDUP = 1.25
 
+#: For one weight shape (``vector_decision``) oneDNN needs only a margin over noise: the shape itself
+#: is measured, where a shape class is judged on a stand-in case.
+MIN_SHAPE_SPEEDUP = 1.1
+
 #: Products with at most this many rows are in the "vector" class (decoding), the rest in "matrix".
 VECTOR_ROWS = 16
+
+#: Bytes of weights a one-row timing goes through in turn: more than a last-level cache holds.
+STREAMED_BYTES = 64 * 2**20
 
 #: Relative error allowed in a trial, measured as ||ours - portable|| / ||portable||.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -234,17 +243,53 @@ def _speedup(candidate: Callable[[], object], portable: Callable[[], object], ro
     return statistics.median(t[1] for t in times) / statistics.median(t[0] for t in times)
 
 
-def _measured(path: str, candidate: Callable[[], object], portable: Callable[[], object]) -> Decision:
-    """On if ``candidate`` is ``MIN_SPEEDUP`` faster than ``portable``, as measured once per machine
-    (``kernel_cache``): every process on it then chooses alike."""
-    speedup = kernel_cache.cached_speedup(cpu_description(), path, lambda: _speedup(candidate, portable))
-    return Decision(speedup >= MIN_SPEEDUP, f"{speedup:.2f}x the portable op")
+def _measured(path: str, setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]],
+              threshold: float = MIN_SPEEDUP) -> Decision:
+    """On if the candidate is ``threshold`` faster than the portable op, as measured once per machine
+    (``kernel_cache``): every process on it then chooses alike. ``setup`` makes the pair (candidate,
+    portable) to time, and is called only when the machine has no measurement yet."""
+    def measure() -> float:
+        return _speedup(*setup())
+    speedup = kernel_cache.cached_speedup(cpu_description(), path, measure)
+    return Decision(speedup >= threshold, f"{speedup:.2f}x the portable op")
 
 
 def _matrix_case(dtype: torch.dtype):
     """512 rows through a 1024 x 1024 weight: a training or prompt product."""
     generator = torch.Generator().manual_seed(0)
     return torch.randn(512, 1024, generator=generator).to(dtype), torch.randn(1024, 1024, generator=generator).to(dtype)
+
+
+def _shape_case(out_features: int, in_features: int):
+    """One row through weights of one shape in turn, about ``STREAMED_BYTES`` of them (32 at most):
+    decoding, whose weights stream from memory, not from the last-level cache. Their values do not
+    change the speed of either kernel, so they are filled, not drawn."""
+    count = max(1, min(32, STREAMED_BYTES // (4 * out_features * in_features)))
+    weights = [torch.full((out_features, in_features), 0.5) for _ in range(count)]
+    return torch.full((1, in_features), 0.5), weights
+
+
+def vector_decision(out_features: int, in_features: int) -> Decision:
+    """Whether fp32 products of a few rows (decoding) through an [out, in] weight go to oneDNN:
+    measured for that shape, as the faster of the two one-row kernels changes with it. On a
+    2-core Zen 3, oneDNN read 960 x 576 to 49,152 x 576 weights at 1.2-1.8x MKL's rate and
+    576 x 576 and 576 x 1,536 ones at 0.8x. Decided once per process and shape."""
+    shape = (out_features, in_features)
+    if shape not in _VECTOR_DECISIONS:
+        gate = decision("onednn_fp32_vector")
+        if not gate:
+            return gate
+
+        def setup():
+            x, weights = _shape_case(out_features, in_features)
+            return lambda: [onednn_linear(x, w) for w in weights], lambda: [F.linear(x, w) for w in weights]
+        _VECTOR_DECISIONS[shape] = _measured(f"onednn_fp32_vector {out_features}x{in_features}", setup,
+                                             MIN_SHAPE_SPEEDUP)
+    return _VECTOR_DECISIONS[shape]
+
+
+#: ``vector_decision``'s decisions in this process, by weight shape.
+_VECTOR_DECISIONS: dict[tuple[int, int], Decision] = {}
 
 
 def _vector_case(dtype: torch.dtype):
@@ -268,12 +313,13 @@ def decision(path: str) -> Decision:
         trial = _onednn_fp32_trials()
         if not trial:
             return trial
-        if path == "onednn_fp32_matrix":
+        if path == "onednn_fp32_vector":  # measured per weight shape: vector_decision
+            return Decision(True, f"{trial.reason}; measured per weight shape")
+
+        def matrix():
             x, weight = _matrix_case(torch.float32)
-            return _measured(path, lambda: onednn_linear(x, weight), lambda: F.linear(x, weight))
-        x, weights = _vector_case(torch.float32)
-        return _measured(path, lambda: [onednn_linear(x, w) for w in weights * 4],
-                         lambda: [F.linear(x, w) for w in weights * 4])
+            return lambda: onednn_linear(x, weight), lambda: F.linear(x, weight)
+        return _measured(path, matrix)
     if path in ("packed_fp32", "packed_bf16"):
         dtype = torch.float32 if path == "packed_fp32" else torch.bfloat16
         if not onednn_supported(dtype):
@@ -281,10 +327,15 @@ def decision(path: str) -> Decision:
         trial = trial_pack(dtype)
         if not trial:
             return trial
-        x, weights = _vector_case(dtype)
-        packed, plain = [pack(w) for w in weights], linear_function(x, weights[0])
-        return _measured(path, lambda: [onednn_linear(x, p) for p in packed * 4],
-                         lambda: [plain(x, w) for w in weights * 4])
+        # The plain side as sampling runs it, decided first: a measurement may not start inside another.
+        plain = onednn_linear if dtype == torch.float32 and vector_decision(2048, 1024) else F.linear
+
+        def packed_and_plain():
+            x, weights = _vector_case(dtype)
+            packed = [pack(w) for w in weights]
+            return (lambda: [onednn_linear(x, p) for p in packed * 4],
+                    lambda: [plain(x, w) for w in weights * 4])
+        return _measured(path, packed_and_plain)
     if path == "flash_attention_lse":
         if not flash_attention_supported():
             return Decision(False, "this PyTorch has no CPU flash-attention kernel")
@@ -311,13 +362,15 @@ PATHS = {
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` should go to ``onednn_linear``: plain fp32 CPU tensors, outside
-    compile and autocast, in a shape class where oneDNN measured faster than MKL."""
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+    compile and autocast, where oneDNN measured faster than MKL for products of as many rows (and,
+    for a few rows, through a weight of that shape). Called for every product, so kept cheap."""
+    if not (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
         return False
-    rows = x.numel() // max(1, x.shape[-1])
-    return bool(decision("onednn_fp32_vector" if rows <= VECTOR_ROWS else "onednn_fp32_matrix"))
+    if x.numel() > VECTOR_ROWS * x.shape[-1]:
+        return bool(decision("onednn_fp32_matrix"))
+    return bool(vector_decision(weight.shape[0], weight.shape[1]))
 
 
 def linear_function(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor]:
@@ -373,9 +426,12 @@ def cpu_description() -> dict[str, object]:
 
 
 def report() -> dict[str, object]:
-    """``cpu_description`` plus every path's decision, for a benchmark's JSON."""
-    return {**cpu_description(), "kernel_paths": {p: {"on": d.on, "reason": d.reason}
-                                                   for p, d in ((p, decision(p)) for p in PATHS)}}
+    """``cpu_description`` plus every path's decision and the weight shapes decided so far, for a
+    benchmark's JSON (made after its runs, so that the shapes it used are in it)."""
+    return {**cpu_description(),
+            "kernel_paths": {p: {"on": d.on, "reason": d.reason} for p, d in ((p, decision(p)) for p in PATHS)},
+            "onednn_fp32_vector_shapes": {f"{out}x{in_}": {"on": d.on, "reason": d.reason}
+                                          for (out, in_), d in sorted(_VECTOR_DECISIONS.items())}}
 
 
 def describe() -> str:

@@ -65,9 +65,9 @@ def test_trial_refuses_a_failing_or_wrong_kernel():
 
 def test_a_kernel_is_chosen_only_when_measured_faster(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_LIGHTNING_CACHE", str(tmp_path))
-    slow = cpu_kernels._measured("slow", lambda: sum(range(20000)), lambda: None)
+    slow = cpu_kernels._measured("slow", lambda: (lambda: sum(range(20000)), lambda: None))
     assert not slow and slow.reason.endswith("x the portable op")
-    fast = cpu_kernels._measured("fast", lambda: None, lambda: sum(range(20000)))
+    fast = cpu_kernels._measured("fast", lambda: (lambda: None, lambda: sum(range(20000))))
     assert fast
 
 
@@ -81,13 +81,14 @@ def test_every_process_on_a_machine_takes_the_speed_the_first_one_measured(tmp_p
     cache = tmp_path / "cpu_kernels.json"
     entries = json.loads(cache.read_text())
     (entry,) = entries.values()
-    measured = {"onednn_fp32_matrix", "onednn_fp32_vector", "packed_fp32"}
+    measured = {"onednn_fp32_matrix", "packed_fp32", "onednn_fp32_vector 2048x1024"}  # packed's plain side
     assert measured <= set(entry) and f"onednn_fp32_matrix {'on' if entry['onednn_fp32_matrix'] >= 1.25 else 'off'} " \
         f"({entry['onednn_fp32_matrix']:.2f}x" in first
-    entry["onednn_fp32_matrix"], entry["onednn_fp32_vector"] = 9.0, 0.5
+    entry["onednn_fp32_matrix"], entry["onednn_fp32_vector 48x64"] = 9.0, 0.5
     cache.write_text(json.dumps(entries))
-    later = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path))
-    assert "onednn_fp32_matrix on (9.00x the portable op)" in later and "onednn_fp32_vector off (0.50x" in later
+    later = run_python(describe + "; print(k.vector_decision(48, 64))", LLM_LIGHTNING_CACHE=str(tmp_path))
+    assert "onednn_fp32_matrix on (9.00x the portable op)" in later
+    assert "Decision(on=False, reason='0.50x the portable op')" in later
     other_threads = "2" if torch.get_num_threads() == 1 else "1"
     other = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path), OMP_NUM_THREADS=other_threads)
     assert "9.00x" not in other and len(json.loads(cache.read_text())) == 2  # another setting, measured anew
@@ -121,8 +122,21 @@ def test_report_names_the_cpu_and_every_path():
 
 def test_onednn_is_used_only_by_its_decision():
     weight = torch.randn(48, 64)
-    assert cpu_kernels.uses_onednn(torch.randn(3, 64), weight) == bool(cpu_kernels.decision("onednn_fp32_vector"))
+    assert cpu_kernels.uses_onednn(torch.randn(3, 64), weight) == bool(cpu_kernels.vector_decision(48, 64))
     assert cpu_kernels.uses_onednn(torch.randn(64, 64), weight) == bool(cpu_kernels.decision("onednn_fp32_matrix"))
     assert not cpu_kernels.uses_onednn(torch.randn(64, 64, dtype=torch.float64), weight.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not cpu_kernels.uses_onednn(torch.randn(64, 64), weight)
+    assert cpu_kernels.report()["onednn_fp32_vector_shapes"]["48x64"]["on"] == bool(cpu_kernels.vector_decision(48, 64))
+
+
+@pytest.mark.skipif(not (cpu_kernels.enabled() and cpu_kernels.onednn_supported(torch.float32)),
+                    reason="no measured path: fast kernels switched off, or none on this CPU or build")
+def test_one_row_products_are_decided_per_weight_shape(tmp_path):
+    """Each shape is measured on its own and kept per machine; the class decision only gates them."""
+    code = ("from llm_lightning import cpu_kernels as k; a = k.vector_decision(40, 24); "
+            "b = k.vector_decision(24, 40); print(k.decision('onednn_fp32_vector').reason)")
+    out = run_python(code, LLM_LIGHTNING_CACHE=str(tmp_path))
+    assert out.strip().endswith("measured per weight shape")
+    (entry,) = json.loads((tmp_path / "cpu_kernels.json").read_text()).values()
+    assert {"onednn_fp32_vector 40x24", "onednn_fp32_vector 24x40"} <= set(entry)
