@@ -34,7 +34,8 @@ def shard_model(model: LLaMA, world_size: int, device_type: str) -> None:
     for block in model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
-    # Training and scoring call hidden_states (the fused loss), generation calls forward: both gather the root.
+    # Training, scoring and a prompt's sampling call hidden_states (then the head), decoding calls forward:
+    # both gather the root.
     register_fsdp_forward_method(model, "hidden_states")
 
 

@@ -139,7 +139,9 @@ def _sample(model: LLaMA, tokenizer: Tokenizer, prompt_ids: list[list[int]], opt
         slot = torch.tensor(longest, device=device)
     model.setup_kv_cache(batch_size=batch, max_seq_len=cache_len)
     try:
-        logits = model(ids, positions=positions, key_padding_mask=real[:, :longest] if padded else None)[:, -1]
+        # Only the prompt's last position is scored: the head over every prompt token would be wasted.
+        hidden = model.hidden_states(ids, positions=positions, key_padding_mask=real[:, :longest] if padded else None)
+        logits = model.logits(hidden[:, -1])
         next_position = positions[:, -1:] + 1
         for step in range(max_new_tokens):
             logits = penalize_repetition(logits, seen, repetition_penalty)
@@ -197,7 +199,8 @@ def _beam_search(model: LLaMA, tokenizer: Tokenizer, prompt: list[int], *, num_b
     stop_ids = tokenizer.stop_ids
     try:
         beams: list[list[int]] = [[]]
-        logprobs = next_logprobs(model(torch.tensor([prompt], device=device))[:, -1], beams)
+        hidden = model.hidden_states(torch.tensor([prompt], device=device))
+        logprobs = next_logprobs(model.logits(hidden[:, -1]), beams)
         for layer in model.layers:
             cache = layer.attention.kv_cache
             cache.k[:] = cache.k[:1]
