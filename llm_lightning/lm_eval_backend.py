@@ -27,6 +27,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from llm_lightning.adapter import choose_template, load_adapter
 from llm_lightning.checkpoint_paths import resolve_checkpoint
 from llm_lightning.errors import UserFacingError
+from llm_lightning.fused_projections import fused_projections
 from llm_lightning.generation import generate
 from llm_lightning.loading import load_pretrained
 from llm_lightning.loglikelihood import continuation_logprobs
@@ -160,15 +161,16 @@ class LLMLightningLM(TemplateLM):
         for index, request in enumerate(requests):
             _, kwargs = request.args
             groups.setdefault(self._generation_settings(kwargs), []).append(index)
-        for (stop, max_new_tokens, temperature, top_k, top_p), indices in groups.items():
-            for start in range(0, len(indices), self._batch_size):
-                chunk = indices[start:start + self._batch_size]
-                texts = generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 stop=list(stop), max_prompt_tokens=self.max_length - max_new_tokens)
-                for i, text in zip(chunk, texts):
-                    answers[i] = text
-                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        with fused_projections(self.model):  # stacked once for every batch, not per call
+            for (stop, max_new_tokens, temperature, top_k, top_p), indices in groups.items():
+                for start in range(0, len(indices), self._batch_size):
+                    chunk = indices[start:start + self._batch_size]
+                    texts = generate(self.model, self.tokenizer, [requests[i].args[0] for i in chunk],
+                                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     stop=list(stop), max_prompt_tokens=self.max_length - max_new_tokens)
+                    for i, text in zip(chunk, texts):
+                        answers[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return answers
 
     def _generation_settings(self, kwargs: dict) -> tuple[tuple[str, ...], int, float, int | None, float]:

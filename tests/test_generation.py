@@ -75,6 +75,21 @@ def test_fused_projections_compute_the_same_and_give_every_weight_back():
     assert len(set(pointers)) == len(pointers) and all(p.is_contiguous() for p in model.parameters())
 
 
+def test_calls_inside_one_fused_block_stack_once_and_sample_the_same(smollm2):
+    """generate.py, chat and lm-eval's generate_until sample many prompts inside one block: the
+    calls' own blocks must leave its stacking alone, and the text must not change."""
+    model, tokenizer = smollm2
+    prompts = [chat(p) for p in PROMPTS[:2]]
+    expected = [generate(model, tokenizer, p, max_new_tokens=8) for p in prompts]
+    with fused_projections(model):
+        stacked = model.layers[0].attention.fused_qkv
+        assert stacked is not None
+        got = [generate(model, tokenizer, p, max_new_tokens=8) for p in prompts]
+        assert model.layers[0].attention.fused_qkv is stacked  # not given back by the first call
+        assert model.layers[0].attention.wq.weight.data_ptr() == stacked.data_ptr()
+    assert got == expected and model.layers[0].attention.fused_qkv is None
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_merged_or_switched_off_adapters_stack_and_compute_the_same(dora):
     # generate.py samples with the adapter merged; compare=true's base answers with it switched off.
