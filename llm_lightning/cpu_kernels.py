@@ -264,7 +264,7 @@ def _shape_case(out_features: int, in_features: int):
     """One row through weights of one shape in turn, about ``STREAMED_BYTES`` of them (32 at most):
     decoding, whose weights stream from memory, not from the last-level cache. Their values do not
     change the speed of either kernel, so they are filled, not drawn."""
-    count = max(1, min(32, STREAMED_BYTES // (4 * out_features * in_features)))
+    count = max(1, min(32, STREAMED_BYTES // max(1, 4 * out_features * in_features)))
     weights = [torch.full((out_features, in_features), 0.5) for _ in range(count)]
     return torch.full((1, in_features), 0.5), weights
 
@@ -272,8 +272,9 @@ def _shape_case(out_features: int, in_features: int):
 def vector_decision(out_features: int, in_features: int) -> Decision:
     """Whether fp32 products of a few rows (decoding) through an [out, in] weight go to oneDNN:
     measured for that shape, as the faster of the two one-row kernels changes with it. On a
-    2-core Zen 3, oneDNN read 960 x 576 to 49,152 x 576 weights at 1.2-1.8x MKL's rate and
-    576 x 576 and 576 x 1,536 ones at 0.8x. Decided once per process and shape."""
+    2-core Zen 3 this measured oneDNN at 1.5-2.0x MKL's rate through SmolLM2's 960 x 576 to
+    49,152 x 576 weights and at 0.9x through its 576 x 576 and 576 x 1,536 ones. Decided once per
+    process and shape."""
     shape = (out_features, in_features)
     if shape not in _VECTOR_DECISIONS:
         gate = decision("onednn_fp32_vector")
