@@ -278,14 +278,12 @@ def vector_decision(out_features: int, in_features: int) -> Decision:
     shape = (out_features, in_features)
     if shape not in _VECTOR_DECISIONS:
         gate = decision("onednn_fp32_vector")
-        if not gate:
-            return gate
 
         def setup():
             x, weights = _shape_case(out_features, in_features)
             return lambda: [onednn_linear(x, w) for w in weights], lambda: [F.linear(x, w) for w in weights]
-        _VECTOR_DECISIONS[shape] = _measured(f"onednn_fp32_vector {out_features}x{in_features}", setup,
-                                             MIN_SHAPE_SPEEDUP)
+        _VECTOR_DECISIONS[shape] = gate if not gate else _measured(
+            f"onednn_fp32_vector {out_features}x{in_features}", setup, MIN_SHAPE_SPEEDUP)
     return _VECTOR_DECISIONS[shape]
 
 
