@@ -30,7 +30,7 @@ def machine(device: str) -> dict[str, object]:
 
 def shapes_decided() -> dict[str, object]:
     """The weight shapes whose one-row products ``cpu_kernels`` decided while a benchmark ran."""
-    return {"onednn_fp32_vector_shapes": cpu_kernels.report()["onednn_fp32_vector_shapes"]}
+    return {"fp32_vector_shapes": cpu_kernels.report()["fp32_vector_shapes"]}
 
 
 def alternate(sides: dict[str, Callable[[int], float]], rounds: int) -> dict[str, list[float]]:

@@ -15,8 +15,14 @@ So each path here is a private op called in one place, and it is used only after
 - where it competes with an exact portable op, a measurement on this machine found it at least
   ``MIN_SPEEDUP`` faster, in its shape class: products of many rows (training, prompts) and of few
   rows (decoding one token per sequence) are measured apart, as they favour different kernels,
-  and products of few rows per weight shape, as oneDNN's and MKL's one-row kernels trade places
-  with the number of outputs (``vector_decision``).
+  and products of few rows per weight shape, as the one-row kernels trade places with the number
+  of outputs (``vector_kernel``).
+
+One path is made of public ops: ``split_linear`` runs a one-row product as a batched product over
+row blocks of the weight, which PyTorch spreads over its threads. MKL's one-row kernel reads a
+weight as fast with one thread as with two (13 GB/s for SmolLM2's 576 x 576 on a 2-core Zen 3,
+where a plain sum over memory reads 20 GB/s with one thread and 32 with two), and so does
+oneDNN's for the smaller weights; split, the same MKL products read 19-26 GB/s there.
 
 Decisions are made once per process, lazily, from speeds measured once per machine
 (``kernel_cache``); ``describe()`` is the one log line that says them.
@@ -26,6 +32,7 @@ Decisions are made once per process, lazily, from speeds measured once per machi
 from __future__ import annotations
 
 import functools
+import math
 import os
 import platform
 import statistics
@@ -45,7 +52,7 @@ SWITCH = "LLM_LIGHTNING_FAST_KERNELS"
 #: Zen 5). Noisy timings near it no longer flip the choice between processes: see ``kernel_cache``.
 MIN_SPEEDUP = 1.25
 
-#: For one weight shape (``vector_decision``) oneDNN needs only a margin over noise: the shape itself
+#: For one weight shape (``vector_kernel``) a kernel needs only a margin over noise: the shape itself
 #: is measured, where a shape class is judged on a stand-in case.
 MIN_SHAPE_SPEEDUP = 1.1
 
@@ -80,6 +87,22 @@ def enabled() -> bool:
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) by oneDNN; ``weight`` may be a transposed view or a ``pack`` result."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 parts: int) -> torch.Tensor:
+    """x @ weight.T (+ bias) as one batched product over ``parts`` row blocks of a contiguous
+    ``weight``: each block's product is MKL's, as in ``F.linear``, and the batch goes to all threads.
+    Decoding calls it for most products of a token, so it is written in as few calls as it takes."""
+    out_features, in_features = weight.shape
+    blocks = weight.view(parts, out_features // parts, in_features).transpose(1, 2)  # [parts, in, out / parts]
+    if x.numel() == in_features:  # one row: the blocks' outputs [parts, 1, block] lie in order
+        out = torch.bmm(x.reshape(1, 1, in_features).expand(parts, 1, in_features), blocks)
+        out = out.view(*x.shape[:-1], out_features)
+    else:
+        out = torch.bmm(x.reshape(-1, in_features).expand(parts, -1, -1), blocks)
+        out = out.transpose(0, 1).reshape(*x.shape[:-1], out_features)
+    return out if bias is None else out + bias
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -182,6 +205,14 @@ def _onednn_fp32_trials() -> Decision:
     return trial_onednn_transposed() if trial else trial
 
 
+def trial_split_linear() -> Decision:
+    """One row and five, through a weight split in two."""
+    one, weight, bias = _tiny_case(torch.float32, rows=1)
+    five, _, _ = _tiny_case(torch.float32, rows=5)
+    return _trial(lambda: (torch.cat([split_linear(x, weight, bias, parts=2) for x in (one, five)]),
+                           torch.cat([F.linear(x, weight, bias) for x in (one, five)])), torch.float32)
+
+
 def trial_pack(dtype: torch.dtype) -> Decision:
     x, weight, _ = _tiny_case(dtype, rows=1)
     return _trial(lambda: (onednn_linear(x, pack(weight)), F.linear(x, weight)), dtype)
@@ -243,14 +274,17 @@ def _speedup(candidate: Callable[[], object], portable: Callable[[], object], ro
     return statistics.median(t[1] for t in times) / statistics.median(t[0] for t in times)
 
 
-def _measured(path: str, setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]],
-              threshold: float = MIN_SPEEDUP) -> Decision:
-    """On if the candidate is ``threshold`` faster than the portable op, as measured once per machine
+def _measured_speedup(path: str, setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]]) -> float:
+    """How many times faster the candidate runs than the portable op, as measured once per machine
     (``kernel_cache``): every process on it then chooses alike. ``setup`` makes the pair (candidate,
     portable) to time, and is called only when the machine has no measurement yet."""
-    def measure() -> float:
-        return _speedup(*setup())
-    speedup = kernel_cache.cached_speedup(cpu_description(), path, measure)
+    return kernel_cache.cached_speedup(cpu_description(), path, lambda: _speedup(*setup()))
+
+
+def _measured(path: str, setup: Callable[[], tuple[Callable[[], object], Callable[[], object]]],
+              threshold: float = MIN_SPEEDUP) -> Decision:
+    """On if the candidate measured (``_measured_speedup``) at least ``threshold`` faster."""
+    speedup = _measured_speedup(path, setup)
     return Decision(speedup >= threshold, f"{speedup:.2f}x the portable op")
 
 
@@ -269,26 +303,49 @@ def _shape_case(out_features: int, in_features: int):
     return torch.full((1, in_features), 0.5), weights
 
 
-def vector_decision(out_features: int, in_features: int) -> Decision:
-    """Whether fp32 products of a few rows (decoding) through an [out, in] weight go to oneDNN:
-    measured for that shape, as the faster of the two one-row kernels changes with it. On a
-    2-core Zen 3 this measured oneDNN at 1.5-2.0x MKL's rate through SmolLM2's 960 x 576 to
-    49,152 x 576 weights and at 0.9x through its 576 x 576 and 576 x 1,536 ones. Decided once per
-    process and shape."""
+@dataclass(frozen=True)
+class VectorKernel:
+    """The kernel chosen for few-row fp32 products through weights of one shape, and why."""
+
+    name: str  # "mkl" (F.linear, the portable op), "onednn" or "split"
+    function: Callable[..., torch.Tensor]
+    reason: str
+
+
+def vector_kernel(out_features: int, in_features: int) -> VectorKernel:
+    """The kernel for fp32 products of a few rows (decoding) through an [out, in] weight: oneDNN's
+    or ``split_linear`` where one measured at least ``MIN_SHAPE_SPEEDUP`` times MKL's rate for that
+    shape (the faster of the two), else MKL's ``F.linear``. Measured per shape, as the one-row
+    kernels trade places with it: on a 2-core Zen 3, oneDNN read SmolLM2's 960 x 576 to
+    49,152 x 576 weights 1.5-2.0x faster than MKL and its 576 x 576 and 576 x 1,536 ones 0.9x as
+    fast, and the split read every one of them 1.3-1.7x faster. Decided once per process and shape."""
     shape = (out_features, in_features)
-    if shape not in _VECTOR_DECISIONS:
-        gate = decision("onednn_fp32_vector")
+    if shape not in _VECTOR_KERNELS:
+        parts = math.gcd(out_features, torch.get_num_threads())
+        candidates = {"onednn": onednn_linear, "split": functools.partial(split_linear, parts=parts)}
+        speeds, reasons = {}, []
+        for name, function in candidates.items():
+            gate = decision(f"{name}_fp32_vector")
+            if name == "split" and gate and parts < 2:
+                gate = Decision(False, f"{out_features} outputs do not split over {torch.get_num_threads()} threads")
+            if not gate:
+                reasons.append(f"{name} off ({gate.reason})")
+                continue
 
-        def setup():
-            x, weights = _shape_case(out_features, in_features)
-            return lambda: [onednn_linear(x, w) for w in weights], lambda: [F.linear(x, w) for w in weights]
-        _VECTOR_DECISIONS[shape] = gate if not gate else _measured(
-            f"onednn_fp32_vector {out_features}x{in_features}", setup, MIN_SHAPE_SPEEDUP)
-    return _VECTOR_DECISIONS[shape]
+            def setup(function=function):
+                x, weights = _shape_case(out_features, in_features)
+                return lambda: [function(x, w) for w in weights], lambda: [F.linear(x, w) for w in weights]
+            speeds[name] = _measured_speedup(f"{name}_fp32_vector {out_features}x{in_features}", setup)
+            reasons.append(f"{name} {speeds[name]:.2f}x")
+        best = max(speeds, key=speeds.get, default=None)
+        chosen = best if best is not None and speeds[best] >= MIN_SHAPE_SPEEDUP else "mkl"
+        _VECTOR_KERNELS[shape] = VectorKernel(chosen, candidates.get(chosen, F.linear),
+                                              f"{', '.join(reasons)} the portable op")
+    return _VECTOR_KERNELS[shape]
 
 
-#: ``vector_decision``'s decisions in this process, by weight shape.
-_VECTOR_DECISIONS: dict[tuple[int, int], Decision] = {}
+#: ``vector_kernel``'s choices in this process, by weight shape.
+_VECTOR_KERNELS: dict[tuple[int, int], VectorKernel] = {}
 
 
 def _vector_case(dtype: torch.dtype):
@@ -306,13 +363,18 @@ def decision(path: str) -> Decision:
         raise KeyError(f"unknown CPU kernel path {path!r}; expected one of {', '.join(PATHS)}")
     if not enabled():
         return Decision(False, f"{SWITCH}=0")
+    if path == "split_fp32_vector":
+        if torch.get_num_threads() < 2:
+            return Decision(False, "one thread")
+        trial = trial_split_linear()
+        return Decision(True, f"{trial.reason}; measured per weight shape") if trial else trial
     if path in ("onednn_fp32_matrix", "onednn_fp32_vector"):
         if not onednn_supported(torch.float32):
             return Decision(False, "no oneDNN for this CPU or build")
         trial = _onednn_fp32_trials()
         if not trial:
             return trial
-        if path == "onednn_fp32_vector":  # measured per weight shape: vector_decision
+        if path == "onednn_fp32_vector":  # measured per weight shape: vector_kernel
             return Decision(True, f"{trial.reason}; measured per weight shape")
 
         def matrix():
@@ -351,6 +413,7 @@ def decision(path: str) -> Decision:
 PATHS = {
     "onednn_fp32_matrix": "fp32 products of many rows (training, prompts) through oneDNN instead of MKL",
     "onednn_fp32_vector": "fp32 products of a few rows (decoding) through oneDNN instead of MKL",
+    "split_fp32_vector": "fp32 products of a few rows (decoding) split over the threads (split_linear)",
     "packed_fp32": "sampling with fp32 weights reordered by oneDNN (generate.py pack_weights)",
     "packed_bf16": "sampling with bf16 weights reordered by oneDNN (generate.py pack_weights)",
     "int8_matmul": "quantize=int8 products by PyTorch's int8 weight kernel (else dequantised per call)",
@@ -360,22 +423,24 @@ PATHS = {
 }
 
 
-def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` should go to ``onednn_linear``: plain fp32 CPU tensors, outside
-    compile and autocast, where oneDNN measured faster than MKL for products of as many rows (and,
-    for a few rows, through a weight of that shape). Called for every product, so kept cheap."""
+def linear_function(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The kernel for ``x @ weight.T`` (+ bias), called as ``F.linear`` is: for plain fp32 CPU
+    tensors outside compile and autocast, the one measured fastest for products of as many rows
+    (and, for a few rows, through a weight of that shape); ``F.linear`` for everything else.
+    Called for every product, so kept cheap."""
     if not (x.is_cpu and x.dtype is torch.float32 and weight.dtype is torch.float32
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
-        return False
+        return F.linear
     if x.numel() > VECTOR_ROWS * x.shape[-1]:
-        return bool(decision("onednn_fp32_matrix"))
-    return bool(vector_decision(weight.shape[0], weight.shape[1]))
+        return onednn_linear if decision("onednn_fp32_matrix") else F.linear
+    kernel = vector_kernel(weight.shape[0], weight.shape[1])
+    return F.linear if kernel.name == "split" and not weight.is_contiguous() else kernel.function
 
 
-def linear_function(x: torch.Tensor, weight: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """``onednn_linear`` or ``F.linear``: whichever ``uses_onednn`` picks for such operands."""
-    return onednn_linear if uses_onednn(x, weight) else F.linear
+def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_function`` sends ``x @ weight.T`` to ``onednn_linear``."""
+    return linear_function(x, weight) is onednn_linear
 
 
 def packs(dtype: torch.dtype) -> bool:
@@ -430,8 +495,8 @@ def report() -> dict[str, object]:
     benchmark's JSON (made after its runs, so that the shapes it used are in it)."""
     return {**cpu_description(),
             "kernel_paths": {p: {"on": d.on, "reason": d.reason} for p, d in ((p, decision(p)) for p in PATHS)},
-            "onednn_fp32_vector_shapes": {f"{out}x{in_}": {"on": d.on, "reason": d.reason}
-                                          for (out, in_), d in sorted(_VECTOR_DECISIONS.items())}}
+            "fp32_vector_shapes": {f"{out}x{in_}": {"kernel": k.name, "reason": k.reason}
+                                   for (out, in_), k in sorted(_VECTOR_KERNELS.items())}}
 
 
 def describe() -> str:

@@ -1,8 +1,9 @@
-"""Linear layers whose fp32 CPU matrix products may run through oneDNN instead of MKL.
+"""Linear layers whose fp32 CPU matrix products run through the kernel measured fastest.
 
-``linear`` is ``F.linear``, except that plain fp32 CPU products go to oneDNN (forward and
-backward) where ``cpu_kernels`` measured oneDNN faster than MKL on this machine, for that shape
-class: 2x faster on a Zen 5 EPYC, no faster on a Sapphire Rapids Xeon (see ``cpu_kernels``).
+``linear`` is ``F.linear``, except that plain fp32 CPU products go to the kernel that
+``cpu_kernels.linear_function`` measured fastest on this machine for that shape class: oneDNN
+instead of MKL (forward and backward) was 2x faster on a Zen 5 EPYC and no faster on a Sapphire
+Rapids Xeon; for one-row products (decoding), oneDNN or MKL split over the threads, per weight shape.
 
 ``Linear`` is an ``nn.Linear`` with that forward, so parameter names, initialisation and
 checkpoints are unchanged; its weight may be an NF4 one (``nf4.py``). Under ``torch.compile`` and CPU autocast it is plain ``F.linear``,
@@ -16,11 +17,10 @@ blocked layout, which on some CPUs speeds up bf16 matrix-vector products (decodi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llm_lightning import nf4
-from llm_lightning.cpu_kernels import onednn_linear, pack, uses_onednn
+from llm_lightning.cpu_kernels import linear_function, onednn_linear, pack
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -47,20 +47,20 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with fp32 CPU products through oneDNN (see the module docstring), and NF4
+    """``F.linear``, with fp32 CPU products through the fastest kernel (see the module docstring), and NF4
     weights (QLoRA's base, ``nf4.py``) dequantized for the product."""
     if nf4.is_nf4(weight):
         return nf4.nf4_linear(x, weight, bias)
-    if not uses_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    kernel = linear_function(x, weight)
+    if (kernel is onednn_linear and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, weight, bias))):
         return _OneDNNLinear.apply(x, weight, bias)
-    return onednn_linear(x, weight, bias)  # sampling: spares autograd's per-call cost
+    return kernel(x, weight, bias)  # oneDNN while sampling: spares autograd's per-call cost
 
 
 def matmul_transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T without autograd, for code that computes its own gradients."""
-    return onednn_linear(x, weight) if uses_onednn(x, weight) else x @ weight.t()
+    return linear_function(x, weight)(x, weight)
 
 
 class Linear(nn.Linear):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llm_lightning import cpu_kernels
 
@@ -32,6 +33,22 @@ def test_packed_weights_match_f_linear(dtype):
         pytest.skip(f"oneDNN {dtype} is not on this CPU or build (cpu_kernels says so)")
     decision = cpu_kernels.trial_pack(dtype)
     assert decision, decision.reason
+
+
+def test_split_linear_matches_f_linear():
+    """Every row count of the vector class, with a bias, through a 3-D input and a weight that is a
+    view into a stacked one (as sampling stacks projections); gradients too."""
+    assert cpu_kernels.trial_split_linear(), cpu_kernels.trial_split_linear().reason
+    stacked, bias = torch.randn(60, 64), torch.randn(48)
+    weight = stacked[12:]
+    for rows in (1, 3, cpu_kernels.VECTOR_ROWS):
+        x = torch.randn(1, rows, 64)
+        torch.testing.assert_close(cpu_kernels.split_linear(x, weight, bias, parts=4), F.linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-5)
+    weight = weight.clone().requires_grad_()
+    x = torch.randn(2, 64)
+    cpu_kernels.split_linear(x, weight, parts=2).square().sum().backward()
+    torch.testing.assert_close(weight.grad, torch.autograd.grad(F.linear(x, weight).square().sum(), weight)[0])
 
 
 @needs(cpu_kernels.int8_supported(), "the int8 weight kernel")
@@ -84,11 +101,12 @@ def test_every_process_on_a_machine_takes_the_speed_the_first_one_measured(tmp_p
     measured = {"onednn_fp32_matrix", "packed_fp32", "onednn_fp32_vector 2048x1024"}  # packed's plain side
     assert measured <= set(entry) and f"onednn_fp32_matrix {'on' if entry['onednn_fp32_matrix'] >= 1.25 else 'off'} " \
         f"({entry['onednn_fp32_matrix']:.2f}x" in first
-    entry["onednn_fp32_matrix"], entry["onednn_fp32_vector 48x64"] = 9.0, 0.5
+    entry["onednn_fp32_matrix"], entry["onednn_fp32_vector 48x64"], entry["split_fp32_vector 48x64"] = 9.0, 0.5, 0.6
     cache.write_text(json.dumps(entries))
-    later = run_python(describe + "; print(k.vector_decision(48, 64))", LLM_LIGHTNING_CACHE=str(tmp_path))
+    later = run_python(describe + "; print(k.vector_kernel(48, 64).reason)", LLM_LIGHTNING_CACHE=str(tmp_path))
     assert "onednn_fp32_matrix on (9.00x the portable op)" in later
-    assert "Decision(on=False, reason='0.50x the portable op')" in later
+    split = "split 0.60x" if torch.get_num_threads() > 1 else "split off (one thread)"
+    assert later.endswith(f"onednn 0.50x, {split} the portable op\n")
     other_threads = "2" if torch.get_num_threads() == 1 else "1"
     other = run_python(describe, LLM_LIGHTNING_CACHE=str(tmp_path), OMP_NUM_THREADS=other_threads)
     assert "9.00x" not in other and len(json.loads(cache.read_text())) == 2  # another setting, measured anew
@@ -120,23 +138,32 @@ def test_report_names_the_cpu_and_every_path():
         cpu_kernels.decision("nope")
 
 
-def test_onednn_is_used_only_by_its_decision():
+def test_each_kernel_is_used_only_by_its_decision():
     weight = torch.randn(48, 64)
-    assert cpu_kernels.uses_onednn(torch.randn(3, 64), weight) == bool(cpu_kernels.vector_decision(48, 64))
+    chosen = cpu_kernels.vector_kernel(48, 64)
+    assert cpu_kernels.linear_function(torch.randn(3, 64), weight) is chosen.function
+    assert chosen.name in ("mkl", "onednn", "split") and (chosen.function is F.linear) == (chosen.name == "mkl")
+    if chosen.name == "split":  # a transposed view does not split into row blocks
+        assert cpu_kernels.linear_function(torch.randn(3, 64), torch.randn(64, 48).t()) is F.linear
     assert cpu_kernels.uses_onednn(torch.randn(64, 64), weight) == bool(cpu_kernels.decision("onednn_fp32_matrix"))
-    assert not cpu_kernels.uses_onednn(torch.randn(64, 64, dtype=torch.float64), weight.double())
+    assert cpu_kernels.linear_function(torch.randn(64, 64, dtype=torch.float64), weight.double()) is F.linear
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cpu_kernels.uses_onednn(torch.randn(64, 64), weight)
-    assert cpu_kernels.report()["onednn_fp32_vector_shapes"]["48x64"]["on"] == bool(cpu_kernels.vector_decision(48, 64))
+        assert cpu_kernels.linear_function(torch.randn(3, 64), weight) is F.linear
+    assert cpu_kernels.report()["fp32_vector_shapes"]["48x64"] == {"kernel": chosen.name, "reason": chosen.reason}
 
 
 @pytest.mark.skipif(not (cpu_kernels.enabled() and cpu_kernels.onednn_supported(torch.float32)),
                     reason="no measured path: fast kernels switched off, or none on this CPU or build")
 def test_one_row_products_are_decided_per_weight_shape(tmp_path):
-    """Each shape is measured on its own and kept per machine; the class decision only gates them."""
-    code = ("from llm_lightning import cpu_kernels as k; a = k.vector_decision(40, 24); "
-            "b = k.vector_decision(24, 40); print(k.decision('onednn_fp32_vector').reason)")
-    out = run_python(code, LLM_LIGHTNING_CACHE=str(tmp_path))
-    assert out.strip().endswith("measured per weight shape")
+    """Each shape is measured on its own, by every kernel its class decisions let in, and kept per
+    machine; the fastest is taken, if it is fast enough."""
+    code = ("from llm_lightning import cpu_kernels as k; a = k.vector_kernel(40, 24); "
+            "b = k.vector_kernel(24, 40); print(k.decision('onednn_fp32_vector').reason); print(a)")
+    out = run_python(code, LLM_LIGHTNING_CACHE=str(tmp_path), OMP_NUM_THREADS="2")
+    assert out.splitlines()[0].endswith("measured per weight shape")
     (entry,) = json.loads((tmp_path / "cpu_kernels.json").read_text()).values()
-    assert {"onednn_fp32_vector 40x24", "onednn_fp32_vector 24x40"} <= set(entry)
+    measured = {f"{kernel}_fp32_vector {shape}" for kernel in ("onednn", "split") for shape in ("40x24", "24x40")}
+    assert measured <= set(entry)
+    fastest = max(("onednn", "split"), key=lambda kernel: entry[f"{kernel}_fp32_vector 40x24"])
+    expected = fastest if entry[f"{fastest}_fp32_vector 40x24"] >= cpu_kernels.MIN_SHAPE_SPEEDUP else "mkl"
+    assert f"VectorKernel(name='{expected}'" in out.splitlines()[1]
