@@ -166,6 +166,19 @@ def test_sampling_under_inference_mode_leaves_weights_that_train():
     assert model.layers[0].attention.wq.lora_b.grad is not None
 
 
+def test_a_model_trains_after_generate_which_runs_in_inference_mode():
+    tokenizer = embedded_tokenizer()
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=tokenizer.vocab_size))
+    apply_lora(model, LoRAConfig(r=2, targets=("wq", "wv")))
+    generate(model, tokenizer, "Hello", max_new_tokens=3)
+    generate(model, tokenizer, "Hello", max_new_tokens=3, num_beams=2)
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+    model(torch.randint(0, 64, (1, 6))).sum().backward()
+    assert model.layers[0].attention.wq.lora_b.grad is not None
+
+
 def test_top_k_1_and_one_beam_equal_greedy(smollm2):
     model, tokenizer = smollm2
     prompt = chat(PROMPTS[1])
