@@ -318,7 +318,7 @@ def vector_kernel(out_features: int, in_features: int) -> VectorKernel:
     shape (the faster of the two), else MKL's ``F.linear``. Measured per shape, as the one-row
     kernels trade places with it: on a 2-core Zen 3, oneDNN read SmolLM2's 960 x 576 to
     49,152 x 576 weights 1.5-2.0x faster than MKL and its 576 x 576 and 576 x 1,536 ones 0.9x as
-    fast, and the split read every one of them 1.3-1.7x faster. Decided once per process and shape."""
+    fast, and the split read every one of them 1.2-1.7x faster. Decided once per process and shape."""
     shape = (out_features, in_features)
     if shape not in _VECTOR_KERNELS:
         parts = math.gcd(out_features, torch.get_num_threads())
@@ -340,7 +340,7 @@ def vector_kernel(out_features: int, in_features: int) -> VectorKernel:
         best = max(speeds, key=speeds.get, default=None)
         chosen = best if best is not None and speeds[best] >= MIN_SHAPE_SPEEDUP else "mkl"
         _VECTOR_KERNELS[shape] = VectorKernel(chosen, candidates.get(chosen, F.linear),
-                                              f"{', '.join(reasons)} the portable op")
+                                              ", ".join(reasons) + (" the portable op" if speeds else ""))
     return _VECTOR_KERNELS[shape]
 
 
@@ -391,13 +391,15 @@ def decision(path: str) -> Decision:
         # The plain side as sampling runs it, decided first (on unfilled stand-ins of the timed
         # shapes): a measurement may not start inside another.
         plain = linear_function(torch.empty(1, 1024, dtype=dtype), torch.empty(2048, 1024, dtype=dtype))
+        # Kept per plain kernel: a speed measured against another one (an older version's) is no answer.
+        against = vector_kernel(2048, 1024).name if dtype is torch.float32 else "mkl"
 
         def packed_and_plain():
             x, weights = _vector_case(dtype)
             packed = [pack(w) for w in weights]
             return (lambda: [onednn_linear(x, p) for p in packed * 4],
                     lambda: [plain(x, w) for w in weights * 4])
-        return _measured(path, packed_and_plain)
+        return _measured(f"{path} against {against}", packed_and_plain)
     if path == "flash_attention_lse":
         if not flash_attention_supported():
             return Decision(False, "this PyTorch has no CPU flash-attention kernel")
