@@ -1,6 +1,6 @@
 """Speed measurements of ``cpu_kernels``, kept per machine so that every process decides alike.
 
-A measurement near ``MIN_SPEEDUP`` can land on either side of it from one process to the next
+A measurement near its line can land on either side of it from one process to the next
 (oneDNN's fp32 product measured 1.13x to 1.32x MKL's on one 2-core Zen 4 within minutes). Two
 processes that chose differently compute in a different order and so differ in the last bits: a
 resumed run would no longer equal the run it continues, and the ranks of one DDP run would not
