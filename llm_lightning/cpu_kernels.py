@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_lightning import kernel_cache
+from llm_lightning.config import LLaMAConfig
 
 SWITCH = "LLM_LIGHTNING_FAST_KERNELS"
 
@@ -295,8 +296,11 @@ def _measured(path: str, setup: Callable[[], tuple[Callable[[], object], Callabl
     return Decision(speedup >= threshold, f"{speedup:.2f}x the portable op")
 
 
-#: One SmolLM2-135M block's weight shapes [out, in]: wq, wk, wv, wo, w1, w3, w2.
-_BLOCK_SHAPES = ((576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536))
+def _block_shapes(config: LLaMAConfig) -> tuple[tuple[int, int], ...]:
+    """One block's weight shapes [out, in]: wq, wk, wv, wo, w1, w3, w2."""
+    dim, hidden = config.dim, config.ffn_hidden_dim
+    q, kv = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
+    return (q, dim), (kv, dim), (kv, dim), (dim, q), (hidden, dim), (hidden, dim), (dim, hidden)
 
 
 def _matrix_case():
@@ -305,10 +309,11 @@ def _matrix_case():
     than a 2-core share of the last-level cache), each weight twice: forward (x @ W.T) and backward
     (the gradient @ W, through the transposed view ``linear.py`` passes). One timing is 28 products,
     about 100 ms on 2 cores. A single 1024 x 1024 product measured anything from 1.17x to 1.50x
-    MKL's rate from one process to the next on a 2-core Zen 4 where this case measured 1.10-1.16x,
+    MKL's rate from one process to the next on a 2-core Zen 4 where this case measured 1.09-1.19x,
     and whole training steps 1.09x. Values do not change either kernel's speed: filled, not drawn."""
-    weights = [torch.full(shape, 0.5) for _ in range(2) for shape in _BLOCK_SHAPES]
-    rows = {size: torch.full((680, size), 0.5) for shape in _BLOCK_SHAPES for size in shape}
+    shapes = _block_shapes(LLaMAConfig.from_name("smollm2-135m"))
+    weights = [torch.full(shape, 0.5) for _ in range(2) for shape in shapes]
+    rows = {size: torch.full((680, size), 0.5) for shape in shapes for size in shape}
     return rows, weights
 
 
